@@ -1,0 +1,3 @@
+from nbdcache.cli import main
+import sys
+sys.exit(main())

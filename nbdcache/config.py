@@ -1,0 +1,495 @@
+"""Configuration: one tunables table, one YAML file, key=value overrides.
+
+Theory of operation
+-------------------
+``TUNABLES`` below is the only place a setting is declared.  Each entry names
+its dotted YAML key, its type, its unit, its default (a value, or ``None`` when
+``bufinit()`` derives it from the RAM budget), its kernel ancestor where there
+is one, whether it may change while the server runs (``live``) or only at
+startup, and a one-line meaning.  From that table come:
+
+* parsing and validation (:func:`load`), for the YAML file and for nbdkit
+  ``key=value`` / ``nbdcache serve --set key=value`` overrides alike;
+* the text of nbdkit's ``config_help`` (:func:`config_help`);
+* ``docs/tunables.md`` (:func:`tunables_markdown`), which a test compares with
+  the committed file so that the docs cannot drift.
+
+Every error is a :class:`ConfigError` whose message names the key, the value
+and what was expected.  Lo/high pairs are validated together, here at startup
+and again by the engine on a live change (:func:`check_pairs`).
+
+Nothing here touches the cache: derived sizes are computed by
+``nbdcache.core.bufinit.bufinit`` from the validated values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+SECTOR = 4 * KiB
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_SIZE_MULT = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+
+
+def parse_size(value: Any) -> int:
+    """Parse ``4096``, ``"64K"``, ``"1G"``, ``"512MiB"`` into bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("a size such as 64K, 16M or 1G")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size that is not negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
+    raise ValueError("a size such as 64K, 16M or 1G")
+
+
+_DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Parse ``1``, ``2.5``, ``"500ms"``, ``"10s"``, ``"1m"`` into seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 500ms, 1s or 2m")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError("a duration that is finite and not negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DUR_RE.match(value)
+        if m:
+            scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+            return float(m.group(1)) * scale
+    raise ValueError("a duration such as 500ms, 1s or 2m")
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError("a whole number")
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("true or false")
+
+
+def parse_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("a string")
+
+
+# --------------------------------------------------------------------------- the table
+
+STARTUP = "startup"
+LIVE = "live"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tunable:
+    key: str
+    kind: str                      # size | int | duration | bool | str | path | enum
+    default: Any                   # None: derived (see ``derivation``) or unset
+    help: str
+    ancestor: str = ""             # the kernel variable it descends from
+    unit: str = ""
+    mutability: str = STARTUP
+    derivation: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def parser(self) -> Callable[[Any], Any]:
+        if self.kind == "enum":
+            def parse_enum(v: Any) -> str:
+                if isinstance(v, str) and v.lower() in self.choices:
+                    return v.lower()
+                raise ValueError("one of " + ", ".join(self.choices))
+            return parse_enum
+        return {
+            "size": parse_size, "int": parse_int, "duration": parse_duration,
+            "bool": parse_bool, "str": parse_str, "path": parse_str,
+        }[self.kind]
+
+
+_T = Tunable
+TUNABLES: tuple[Tunable, ...] = (
+    # -- the disk behind the cache
+    _T("backend.type", "enum", "file", "What holds the guest's data: a raw image file or block "
+       "device, a remote NBD export, or volatile memory (tests and benchmarks).",
+       choices=("file", "nbd", "memory")),
+    _T("backend.path", "path", None, "Image file or block device (backend.type=file). Relative "
+       "paths resolve against the config file's directory."),
+    _T("backend.size", "size", None, "Size of the disk. Required to create a missing image and for "
+       "the memory backend; if the image exists it must match.", unit="bytes", minimum=SECTOR),
+    _T("backend.create", "bool", True, "Create a missing image file (sparse) at backend.size."),
+    _T("backend.uri", "str", None, "NBD URI of the remote export (backend.type=nbd): nbd://, "
+       "nbd+unix:// or nbds:// (TLS; certificates via ?tls-certificates=DIR)."),
+    _T("backend.connections", "int", 4, "Connections opened to an NBD backend (a flush is sent on "
+       "each unless the server advertises multi-conn).", minimum=1, maximum=64),
+    _T("backend.io_threads", "int", 4, "Threads that carry out background backend I/O "
+       "(write-back clusters, read-ahead).", minimum=1, maximum=64),
+    # -- the buffer cache
+    _T("cache.block_size", "size", 64 * KiB, "Size of one buffer: the unit of caching, eviction and "
+       "write-back. A power of two from 4K to 1M.", ancestor="MAXBSIZE", unit="bytes"),
+    _T("cache.ram", "size", 256 * MiB, "RAM budget for buffer data, allocated once at startup "
+       "(the arena). Every watermark below derives from it.", ancestor="maxbufspace",
+       unit="bytes"),
+    _T("cache.hibufspace", "size", None, "Buffer space above which getnewbuf recycles clean "
+       "buffers instead of taking empty ones.", ancestor="hibufspace", unit="bytes",
+       derivation="max(3*ram/4, ram - 10*block_size)"),
+    _T("cache.lobufspace", "size", None, "Buffer space recycling brings bufspace back down to.",
+       ancestor="lobufspace", unit="bytes",
+       derivation="hibufspace*7/8, at least hibufspace-64M, at most hibufspace-block_size"),
+    _T("cache.hidirtybufspace", "size", None, "Dirty plus running bytes at which guest writes "
+       "are held in bd_wait until write-back makes progress.", ancestor="hidirtybufspace",
+       unit="bytes", mutability=LIVE, derivation="hibufspace/2"),
+    _T("cache.lodirtybufspace", "size", None, "Dirty plus running bytes the flush daemons aim "
+       "for (each stops at half of it).", ancestor="lodirtybufspace", unit="bytes",
+       mutability=LIVE, derivation="hidirtybufspace/2"),
+    _T("cache.hirunningspace", "size", None, "Write-back bytes in flight to the backend; the "
+       "daemons pause above 4/6 of it.", ancestor="hirunningspace", unit="bytes",
+       mutability=LIVE, derivation="max(hibufspace/16, 1M)"),
+    _T("cache.flushperqueue", "int", 1024, "Buffers one flushbufqueues pass may take from a "
+       "dirty queue.", ancestor="flushperqueue", unit="buffers", mutability=LIVE,
+       minimum=1),
+    _T("cache.max_io", "size", 1 * MiB, "Largest backend write a write-back cluster may form "
+       "(cluster_awrite's bound). A multiple of block_size.", ancestor="MAXPHYS",
+       unit="bytes", mutability=LIVE),
+    _T("cache.readahead", "int", 4, "Blocks read ahead when a sequential read stream is "
+       "detected (breadn); 0 disables.", ancestor="breadn", unit="blocks", mutability=LIVE,
+       minimum=0, maximum=256),
+    _T("cache.daemon_interval", "duration", 1.0, "How often the flush daemons wake without "
+       "being kicked.", ancestor="tsleep(bd_req, hz)", unit="seconds", mutability=LIVE,
+       minimum=0.01, maximum=60),
+    _T("cache.flush_on_shutdown", "bool", True, "Write back every dirty block before the "
+       "server exits on SIGTERM/SIGINT."),
+    # -- the nbdkit server
+    _T("server.thread_model", "enum", "parallel", "nbdkit thread model for this plugin.",
+       choices=("parallel", "serialize_requests", "serialize_all_requests",
+                "serialize_connections")),
+    _T("server.threads", "int", 16, "nbdkit worker threads per connection (nbdkit --threads); "
+       "used by `nbdcache serve`.", minimum=1, maximum=1024),
+    _T("server.socket", "path", None, "Unix socket `nbdcache serve` listens on (default "
+       "var/run/nbdcache.sock beside the config); its directory is created 0700."),
+    _T("server.port", "int", None, "TCP port `nbdcache serve` listens on instead of a socket "
+       "(loopback only).", minimum=1, maximum=65535),
+    # -- logging
+    _T("log.level", "enum", "info", "Lowest structlog level written. Per-request events are "
+       "debug only.", choices=("debug", "info", "warning", "error")),
+    _T("log.file", "path", None, "File that receives JSON log lines (default: stderr)."),
+    _T("log.format", "enum", "json", "json: one JSON object a line; console: human-readable.",
+       choices=("json", "console")),
+    _T("log.stats_interval", "duration", 10.0, "Period of the `stats` log event carrying every "
+       "counter (0 disables; one is always written at close).", unit="seconds",
+       mutability=LIVE),
+)
+
+BY_KEY: dict[str, Tunable] = {t.key: t for t in TUNABLES}
+PATH_KEYS = {t.key for t in TUNABLES if t.kind == "path"}
+
+#: Lo/high pairs validated together: (lo, hi, relation text).
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("cache.lobufspace", "cache.hibufspace"),
+    ("cache.lodirtybufspace", "cache.hidirtybufspace"),
+)
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclasses.dataclass
+class Config:
+    """Validated settings: ``values`` maps every key of ``TUNABLES`` to a value or None."""
+
+    values: dict[str, Any]
+    source: Path | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.values.get(key)
+        return default if v is None else v
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {tree!r}")
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{prefix}{k!r}: keys must be strings")
+        key = prefix + k
+        if isinstance(v, Mapping):
+            if key in BY_KEY:
+                raise ConfigError(f"{key}: expected a single value, got a mapping")
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, BY_KEY, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"{key}: unknown setting{hint}; see `nbdcache check-config --help` "
+                       "or docs/tunables.md")
+
+
+def parse_value(key: str, raw: Any) -> Any:
+    """Parse and range-check one value for ``key``; raise ConfigError naming both."""
+    t = BY_KEY.get(key)
+    if t is None:
+        raise _unknown(key)
+    if raw is None:
+        return None
+    try:
+        value = t.parser(raw)
+    except ValueError as e:
+        raise ConfigError(f"{key}: got {raw!r}, expected {e}") from None
+    if t.minimum is not None and value < t.minimum:
+        raise ConfigError(f"{key}: got {raw!r}, expected at least {t.minimum:g}")
+    if t.maximum is not None and value > t.maximum:
+        raise ConfigError(f"{key}: got {raw!r}, expected at most {t.maximum:g}")
+    return value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} is nested too deeply") from None
+    if tree is None:
+        return {}
+    return _flatten(tree)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` as given to ``--set`` or on nbdkit's command line."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{text!r}: expected KEY=VALUE, for example cache.ram=64M")
+    return key.strip(), value.strip()
+
+
+def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load the YAML file ``path`` (may be None), apply ``overrides``, validate everything.
+
+    Relative paths resolve against the config file's directory (or the current
+    directory when there is no file).  Raises ConfigError.  Does not block.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    source = None
+    if path is not None:
+        source = Path(path).resolve()
+        base = source.parent
+        raw.update(read_yaml(source))
+    for k, v in (overrides or {}).items():
+        raw[k] = v
+    values: dict[str, Any] = {t.key: t.default for t in TUNABLES}
+    for key, v in raw.items():
+        values[key] = parse_value(key, v)
+    for key in PATH_KEYS:
+        if values[key]:
+            p = Path(os.path.expanduser(values[key]))
+            values[key] = str(p if p.is_absolute() else (base / p))
+    cfg = Config(values, source)
+    _cross_check(cfg)
+    return cfg
+
+
+def _cross_check(cfg: Config) -> None:
+    v = cfg.values
+    bs = v["cache.block_size"]
+    if bs < SECTOR or bs > MiB or bs & (bs - 1):
+        raise ConfigError(f"cache.block_size: got {bs}, expected a power of two from 4K to 1M")
+    if v["cache.ram"] < 16 * bs:
+        raise ConfigError(f"cache.ram: got {v['cache.ram']}, expected at least 16 blocks "
+                          f"({16 * bs} bytes with cache.block_size={bs})")
+    if v["cache.max_io"] < bs or v["cache.max_io"] % bs or v["cache.max_io"] > 32 * MiB:
+        raise ConfigError(f"cache.max_io: got {v['cache.max_io']}, expected a multiple of "
+                          f"cache.block_size ({bs}) no larger than 32M")
+    btype = v["backend.type"]
+    if btype == "file" and not v["backend.path"]:
+        raise ConfigError("backend.path: missing, expected the image file or block device "
+                          "for backend.type=file")
+    if btype == "nbd":
+        uri = v["backend.uri"]
+        if not uri:
+            raise ConfigError("backend.uri: missing, expected an NBD URI for backend.type=nbd")
+        if not re.match(r"^nbds?(\+unix|\+tcp)?://", uri):
+            raise ConfigError(f"backend.uri: got {uri!r}, expected nbd://, nbd+unix:// or "
+                              "nbds:// URI")
+    if btype == "memory" and not v["backend.size"]:
+        raise ConfigError("backend.size: missing, expected the disk size for "
+                          "backend.type=memory")
+    if v["backend.size"] is not None and v["backend.size"] % 512:
+        raise ConfigError(f"backend.size: got {v['backend.size']}, expected a multiple of 512")
+    if v["server.socket"] and v["server.port"]:
+        raise ConfigError("server.socket and server.port: both given, expected one of them")
+    # Derived watermarks may be overridden; check that the pairs still make sense.
+    from nbdcache.core.bufinit import bufinit
+    check_pairs(bufinit(cfg))
+
+
+def check_pairs(params: Mapping[str, int]) -> None:
+    """Raise ConfigError unless every lo/high pair is ordered and within the arena."""
+    for lo, hi in PAIRS:
+        lo_k, hi_k = lo.split(".")[1], hi.split(".")[1]
+        if params[lo_k] >= params[hi_k]:
+            raise ConfigError(f"{lo}: got {params[lo_k]}, expected less than {hi} "
+                              f"({params[hi_k]})")
+    if params["hibufspace"] > params["maxbufspace"]:
+        raise ConfigError(f"cache.hibufspace: got {params['hibufspace']}, expected at most "
+                          f"cache.ram ({params['maxbufspace']})")
+    if params["lobufspace"] < params["block_size"]:
+        raise ConfigError(f"cache.lobufspace: got {params['lobufspace']}, expected at least one "
+                          f"block ({params['block_size']})")
+    if params["hidirtybufspace"] > params["hibufspace"]:
+        raise ConfigError(f"cache.hidirtybufspace: got {params['hidirtybufspace']}, expected at "
+                          f"most cache.hibufspace ({params['hibufspace']})")
+    if params["lodirtybufspace"] < params["block_size"]:
+        raise ConfigError(f"cache.lodirtybufspace: got {params['lodirtybufspace']}, expected at "
+                          f"least one block ({params['block_size']})")
+    if params["hirunningspace"] < params["block_size"]:
+        raise ConfigError(f"cache.hirunningspace: got {params['hirunningspace']}, expected at "
+                          f"least one block ({params['block_size']})")
+
+
+# --------------------------------------------------------------------------- generated text
+
+def _fmt_default(t: Tunable) -> str:
+    if t.derivation:
+        return "derived: " + t.derivation
+    if t.default is None:
+        return "(unset)"
+    if t.kind == "size":
+        return format_size(t.default)
+    if t.kind == "duration":
+        return f"{t.default:g}s"
+    if t.kind == "bool":
+        return "true" if t.default else "false"
+    return str(t.default)
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("G", GiB), ("M", MiB), ("K", KiB)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def config_help() -> str:
+    """The text nbdkit prints for ``nbdkit python plugin.py --help``."""
+    lines = ["config=FILE            YAML configuration file (see docs/tunables.md)."]
+    for t in TUNABLES:
+        lines.append(f"{t.key}=<{t.kind}>")
+        lines.append(f"    {t.help} Default: {_fmt_default(t)}.")
+    return "\n".join(lines)
+
+
+def tunables_markdown() -> str:
+    """The body of docs/tunables.md, generated from TUNABLES."""
+    out = [
+        "# Tunables",
+        "",
+        "Generated from `nbdcache/config.py` by `nbdcache tunables --markdown`; a test fails "
+        "when this file and the table differ. Set them in the YAML file (nested by the dotted "
+        "key), with `nbdcache serve --set KEY=VALUE`, or as nbdkit `KEY=VALUE` arguments. "
+        "Sizes take K, M, G, T suffixes (binary); durations take ms, s, m.",
+        "",
+        "| key | type | default or derivation | unit | kernel ancestor | changes | meaning |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in TUNABLES:
+        kind = t.kind + (" (" + ", ".join(t.choices) + ")" if t.choices else "")
+        out.append(f"| `{t.key}` | {kind} | {_fmt_default(t)} | {t.unit} | "
+                   f"{('`' + t.ancestor + '`') if t.ancestor else ''} | {t.mutability} | "
+                   f"{t.help} |")
+    out += [
+        "",
+        "## How the watermarks relate (worked example)",
+        "",
+    ]
+    out += _worked_example()
+    return "\n".join(out)
+
+
+def _worked_example(ram: int = 256 * MiB, bs: int = 64 * KiB) -> list[str]:
+    from nbdcache.core.bufinit import bufinit, midpoints
+    p = bufinit({"cache.ram": ram, "cache.block_size": bs})
+    mid1, mid2 = midpoints(p)
+
+    def m(n: int) -> str:
+        return f"{n / MiB:.1f}M"
+
+    return [
+        f"With `cache.ram: {format_size(ram)}` and `cache.block_size: {format_size(bs)}` (the "
+        f"defaults), `bufinit()` gives {p['nbuf']} buffers and:",
+        "",
+        "```",
+        f"maxbufspace     = {m(p['maxbufspace'])}   cache.ram, whole buffers",
+        f"hibufspace      = {m(p['hibufspace'])}   max(3/4 of it, it - 10 buffers)",
+        f"lobufspace      = {m(p['lobufspace'])}   hibufspace*7/8",
+        f"hidirtybufspace = {m(p['hidirtybufspace'])}   hibufspace/2",
+        f"lodirtybufspace = {m(p['lodirtybufspace'])}    hidirtybufspace/2",
+        f"hirunningspace  = {m(p['hirunningspace'])}    max(hibufspace/16, 1M)",
+        f"mid1            = {m(mid1)}    lodirty + (hidirty-lodirty)/2",
+        f"mid2            = {m(mid2)}   mid1 + (hidirty-mid1)/2",
+        "```",
+        "",
+        f"Once dirty+running bytes reach {m(mid1)} (mid1), every newly dirtied buffer kicks the "
+        f"flush daemons. Past {m(mid2)} (mid2) a guest write waits in `bd_wait` until "
+        "write-back has retired about as many bytes as the excess, and goes on waiting while "
+        f"the total is above {m(p['hidirtybufspace'])} (hidirtybufspace). Each daemon then "
+        f"writes back until dirty+running is at {m(p['lodirtybufspace'] // 2)} "
+        "(lodirtybufspace/2), pausing whenever more than "
+        f"{m(p['hirunningspace'] * 4 // 6)} (4/6 of hirunningspace) is in flight, and polls "
+        f"once a second. When bufspace reaches {m(p['hibufspace'])}, getnewbuf recycles clean "
+        f"buffers until it is below {m(p['lobufspace'])}; the "
+        f"{(p['maxbufspace'] - p['hibufspace']) // KiB}K between hibufspace and the end of the "
+        "arena is kept for `buf_daemon_hw`.",
+        "",
+    ]

@@ -1,0 +1,987 @@
+"""The buffer cache: every guest request goes through here.
+
+Theory of operation
+-------------------
+The cache holds ``nbuf`` buffers of ``block_size`` bytes, carved once from an
+anonymous mmap (the arena).  ``hash`` maps a block number to the one buffer
+that caches it (never two: ``getblk`` creates under the lock and rechecks).
+Each buffer is on one queue, or on none while it is busy or being written:
+
+    EMPTY     no identity, no memory counted in bufspace; taken first by getnewbuf
+    CLEAN     valid data, not dirty; LRU with a second chance (B_AGE)
+    DIRTY     B_DELWRI buffers, flushed by buf_daemon, oldest first
+    DIRTY_HW  B_DELWRI|B_HEAVY buffers, flushed by buf_daemon_hw
+
+Reads copy out of valid sectors; a miss takes the buffer busy, reads only the
+missing sectors from the backend outside the lock, and merges them into
+sectors that are still invalid.  Writes copy in and mark sectors valid and
+dirty (``bdwrite``): the guest is acknowledged at once, a partial sector being
+read-modify-written first.  Write-back (``flushbufqueues`` from the daemons,
+``flush`` and FUA from the guest) snapshots clusters of logically adjacent
+dirty buffers into one backend write each (``cluster_awrite``), accounts them
+in ``runningbufspace``, and clears ``B_DELWRI`` on completion only if the
+buffer was not modified meanwhile.  A failed write leaves the buffer dirty
+with ``B_ERROR``; it is retried after a back-off, and any FLUSH that needs it
+fails with the error until a write succeeds.
+
+``getnewbuf`` recycles EMPTY then CLEAN buffers, keeps ``bufspace`` between
+``lobufspace`` and ``hibufspace`` with the kernel's hysteresis, never touches
+a dirty buffer and never writes: when it finds nothing it kicks the daemons
+and waits.  TRIM and WRITE_ZEROES are the only operations that discard dirty
+data; while one runs, its range is fenced so no buffer can be created in it
+before the backend has carried it out.
+
+Locking
+-------
+One engine lock (``self.lock``) guards every buffer header, queue, counter and
+the hash.  Data is copied under it for hits (a copy of a few KiB is cheaper
+than a second lock round-trip); backend I/O is never done under it.  A busy
+buffer belongs to the thread that made it busy; ``writing`` buffers belong to
+their write-back job.  Waits use ``self.cv`` (on the engine lock) and are
+bounded by one second, after which the waiter re-examines the state.
+Methods whose names start with ``_`` or are kernel primitives (``getblk``,
+``getnewbuf``, ``brelse``, ``bqrelse``, ``bdirty``, ``bundirty``) require the
+lock; the public data-path methods (``pread``, ``pwrite``, ``flush``,
+``discard``, ``prefetch``, ``flushbufqueues``) take it themselves.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from nbdcache.core.buf import (
+    B_AGE, B_CACHE, B_DELWRI, B_ERROR, B_HEAVY, B_INVAL, B_NOCACHE, B_RAM, QUEUE_CLEAN,
+    QUEUE_DIRTY, QUEUE_DIRTY_HW, QUEUE_EMPTY, QUEUE_NAMES, QUEUE_NONE, SECTOR, SECTOR_SHIFT,
+    Buf, runs, sector_cover, sector_span,
+)
+from nbdcache.core.throttle import Throttle
+
+_ZEROES = bytes(1024 * 1024)
+
+
+class BufCacheInvariantError(AssertionError):
+    """The cache's state contradicts one of its invariants (the KASSERT habit)."""
+
+
+@dataclass
+class WriteJob:
+    """One write-back I/O: a cluster of adjacent dirty buffers and their snapshot."""
+
+    bufs: list[Buf]
+    gens: list[int]
+    segments: list[tuple[int, bytes]]       # (disk offset, data) written in order
+    running: int                            # bytes accounted in runningbufspace
+    heavy: bool
+    error: OSError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CacheStats:
+    """Counters that are not the kernel's accounting (that lives on Throttle and BufCache)."""
+
+    FIELDS = ("hits", "misses", "readahead_issued", "readahead_hits", "backend_reads",
+              "backend_read_bytes", "writeback_clusters", "writeback_bufs",
+              "writeback_bytes", "writeback_errors", "writeback_segments", "flushes",
+              "flush_errors", "fua_writes", "discards", "discarded_dirty", "read_errors",
+              "getnewbuf_waits", "recycled", "writes", "reads")
+    __slots__ = FIELDS
+
+    def __init__(self) -> None:
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def _inline_submit(fn: Callable[..., Any], *args: Any) -> Future:
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - delivered to the waiter like an executor would
+        fut.set_exception(e)
+    return fut
+
+
+class BufCache:
+    def __init__(self, params: Mapping[str, int], backend: Any, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 submit: Callable[..., Future] = _inline_submit,
+                 kick: Callable[[bool], None] | None = None,
+                 max_io: int = 1 << 20, flushperqueue: int = 1024, readahead: int = 4,
+                 log: Any = None) -> None:
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
+        self.backend = backend
+        self.clock = clock
+        self.submit = submit
+        self.log = log
+        bs = self.block_size = params["block_size"]
+        self.shift = bs.bit_length() - 1
+        self.size = backend.size
+        self.nblocks = -(-self.size // bs)
+        self.nbuf = params["nbuf"]
+        self.maxbufspace = params["maxbufspace"]
+        self.hibufspace = params["hibufspace"]
+        self.lobufspace = params["lobufspace"]
+        self.max_io = max_io
+        self.flushperqueue = flushperqueue
+        self.readahead = readahead
+        self.throttle = Throttle(self.lock, params, kick or (lambda hw: None), clock)
+        self.stats = CacheStats()
+        self.bufspace = 0
+        self.getnewbufcalls = 0
+        self.flushing = False
+        self._waiters = 0
+        self._ra_last = -2
+        self._discarding: list[tuple[int, int]] = []
+        self._writeback_failing = False
+        self.arena = mmap.mmap(-1, self.nbuf * bs)
+        mv = memoryview(self.arena)
+        self.bufs = [Buf(i, mv[i * bs:(i + 1) * bs]) for i in range(self.nbuf)]
+        self.hash: dict[int, Buf] = {}
+        self.queues: list[OrderedDict[int, Buf]] = [OrderedDict() for _ in QUEUE_NAMES]
+        for b in self.bufs:
+            self._enqueue(b, QUEUE_EMPTY)
+
+    # ================================================================== geometry helpers
+
+    def blocklen(self, blkno: int) -> int:
+        """Bytes of block ``blkno`` that lie on the disk (the last block may be short)."""
+        return min(self.block_size, self.size - (blkno << self.shift))
+
+    def fullmask(self, blkno: int) -> int:
+        return (1 << ((self.blocklen(blkno) + SECTOR - 1) >> SECTOR_SHIFT)) - 1
+
+    # ================================================================== queues
+
+    def _enqueue(self, b: Buf, qindex: int, head: bool = False) -> None:
+        q = self.queues[qindex]
+        q[b.index] = b
+        if head:
+            q.move_to_end(b.index, last=False)
+        b.qindex = qindex
+
+    def bremfree(self, b: Buf) -> None:
+        """Take ``b`` off its queue (no-op when it is on none)."""
+        if b.qindex != QUEUE_NONE:
+            del self.queues[b.qindex][b.index]
+            b.qindex = QUEUE_NONE
+
+    def _requeue(self, b: Buf) -> None:
+        """Put an idle buffer (not busy, not writing) on the queue its state selects."""
+        if b.busy or b.writing:
+            return
+        if b.blkno < 0:
+            self._enqueue(b, QUEUE_EMPTY, head=True)
+        elif b.flags & B_DELWRI:
+            self._enqueue(b, QUEUE_DIRTY_HW if b.flags & B_HEAVY else QUEUE_DIRTY)
+        else:
+            self._enqueue(b, QUEUE_CLEAN)
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self._waiters:
+            self.cv.notify_all()
+
+    def _wait(self, timeout: float = 1.0) -> None:
+        """Sleep until a buffer changes state (bounded); the engine lock is released meanwhile."""
+        self._waiters += 1
+        try:
+            self.cv.wait(timeout)
+        finally:
+            self._waiters -= 1
+
+    # ================================================================== dirty accounting
+
+    def bdirty(self, b: Buf, mask: int) -> None:
+        """Mark sectors ``mask`` of ``b`` dirty; on the clean→dirty transition account
+        it and heat up the daemons (L1163–1192).  Caller owns ``b`` or it is idle."""
+        t = self.throttle
+        new = mask & ~b.dirty
+        b.dirty |= mask
+        b.gen += 1
+        b.flags &= ~B_NOCACHE
+        if new:
+            nbytes = new.bit_count() << SECTOR_SHIFT
+            t.dirtybufspace += nbytes
+            if b.flags & B_HEAVY:
+                t.dirtybufspacehw += nbytes
+        if not b.flags & B_DELWRI:
+            b.flags |= B_DELWRI
+            t.dirtybufcount += 1
+            t.dirtykvaspace += self.block_size
+            if b.flags & B_HEAVY:
+                t.dirtybufcounthw += 1
+            t.bd_heatup()
+
+    def bundirty(self, b: Buf) -> None:
+        """Clear ``B_DELWRI`` and every dirty sector, undo the accounting, signal progress."""
+        if not b.flags & B_DELWRI:
+            return
+        t = self.throttle
+        nbytes = b.dirty.bit_count() << SECTOR_SHIFT
+        b.flags &= ~B_DELWRI
+        b.dirty = 0
+        t.dirtybufcount -= 1
+        t.dirtykvaspace -= self.block_size
+        t.dirtybufspace -= nbytes
+        if b.flags & B_HEAVY:
+            t.dirtybufcounthw -= 1
+            t.dirtybufspacehw -= nbytes
+        t.bd_signal(self.block_size)
+
+    def bheavy(self, b: Buf) -> None:
+        """Make ``b`` heavy-weight: its write-back belongs to buf_daemon_hw (L1199–1209)."""
+        if b.flags & B_HEAVY:
+            return
+        b.flags |= B_HEAVY
+        if b.flags & B_DELWRI:
+            t = self.throttle
+            t.dirtybufcounthw += 1
+            t.dirtybufspacehw += b.dirty.bit_count() << SECTOR_SHIFT
+            if b.qindex == QUEUE_DIRTY:
+                self.bremfree(b)
+                self._enqueue(b, QUEUE_DIRTY_HW)
+
+    # ================================================================== getblk / getnewbuf / release
+
+    def getblk(self, blkno: int, wait: bool = True) -> Buf | None:
+        """Return the buffer for ``blkno`` busy and off its queue, creating it if needed.
+
+        May block (releasing the lock) while the buffer is busy, while a
+        discard fences the block, or while getnewbuf finds no buffer.  With
+        ``wait=False`` returns None instead of blocking.  The caller must check
+        which sectors are valid (the kernel's B_CACHE contract).
+        """
+        while True:
+            b = self.hash.get(blkno)
+            if b is not None:
+                if b.busy:
+                    if not wait:
+                        return None
+                    self._wait()
+                    continue
+                self.bremfree(b)
+                b.busy = True
+                b.flags &= ~B_AGE
+                return b
+            if self._discarding and self._fenced(blkno):
+                if not wait:
+                    return None
+                self._wait()
+                continue
+            b = self.getnewbuf(wait=wait)
+            if b is None:
+                if not wait:
+                    return None
+                continue
+            if blkno in self.hash:          # created by another thread while we slept
+                self._destroy(b)
+                continue
+            b.blkno = blkno
+            b.flags = 0
+            b.busy = True
+            self.hash[blkno] = b
+            return b
+
+    def getnewbuf(self, heavy: bool = False, wait: bool = True) -> Buf | None:
+        """Find a buffer to reuse: EMPTY first, then CLEAN with a second chance (L1884–2199).
+
+        Keeps ``bufspace`` within [lobufspace, hibufspace]: once it reaches
+        hibufspace every clean buffer found is destroyed until bufspace is
+        below lobufspace, and only then is one handed out.  Dirty buffers are
+        never reused.  ``heavy`` (buf_daemon_hw's page-ins) may dip into the
+        reserve above hibufspace.  Returns a buffer with memory and no
+        identity, off every queue; or None after kicking the daemons and
+        waiting (up to one second) for space, in which case the caller retries.
+        """
+        self.getnewbufcalls += 1
+        bs = self.block_size
+        empty, clean = self.queues[QUEUE_EMPTY], self.queues[QUEUE_CLEAN]
+        while True:
+            if self.bufspace < self.lobufspace:
+                self.flushing = False
+            b = None
+            if empty and (heavy or not self.flushing):
+                b = next(iter(empty.values()))
+            else:
+                while clean:
+                    b = next(iter(clean.values()))
+                    if not b.flags & B_AGE and len(clean) > 1:
+                        b.flags |= B_AGE                    # second chance (L1955–1963)
+                        clean.move_to_end(b.index)
+                        b = None
+                        continue
+                    break
+            if b is None:
+                if not wait:
+                    return None
+                self.throttle.bd_speedup()                  # heeeelp
+                self.stats.getnewbuf_waits += 1
+                self._wait()
+                return None
+            self.bremfree(b)
+            if b.blkno >= 0:
+                self._release_identity(b)                   # vfs_vmio_release + brelvp
+                self.bufspace -= bs
+                self.stats.recycled += 1
+            b.flags = 0
+            if not heavy:
+                if self.bufspace >= self.hibufspace:
+                    self.flushing = True
+                if self.bufspace < self.lobufspace:
+                    self.flushing = False
+                if self.flushing:
+                    self._enqueue(b, QUEUE_EMPTY, head=True)  # destroy it and look again
+                    b.flags = B_INVAL
+                    continue
+            else:
+                b.flags = B_HEAVY
+            self.bufspace += bs                             # allocbuf
+            return b
+
+    def _release_identity(self, b: Buf) -> None:
+        if self.hash.get(b.blkno) is b:
+            del self.hash[b.blkno]
+        b.blkno = -1
+        b.valid = 0
+        b.dirty = 0
+        b.errors = 0
+
+    def _destroy(self, b: Buf) -> None:
+        """Discard ``b``'s contents, dirty or not, and put it on EMPTY (brelse's B_INVAL path)."""
+        if b.flags & B_DELWRI:
+            self.bundirty(b)
+        b.busy = False
+        self.bremfree(b)
+        if b.blkno >= 0 or b.flags & ~B_INVAL:
+            self._release_identity(b)
+        self.bufspace -= self.block_size
+        b.flags = B_INVAL
+        self._enqueue(b, QUEUE_EMPTY, head=True)
+        self._wakeup()
+
+    def brelse(self, b: Buf) -> None:
+        """Release ``b``, destroying it if B_INVAL/B_NOCACHE/B_ERROR asks and it is not
+        dirty data worth keeping (L1267–1633).  B_NOCACHE on a dirty buffer discards
+        the dirty data: only TRIM and WRITE_ZEROES set it."""
+        if b.flags & B_NOCACHE and b.flags & B_DELWRI:
+            self.bundirty(b)
+        if b.flags & B_DELWRI and not b.flags & B_INVAL:
+            pass                            # a dirty buffer is only destroyed by B_INVAL
+        elif b.flags & (B_NOCACHE | B_INVAL | B_ERROR) or b.valid == 0:
+            if b.writing:
+                raise BufCacheInvariantError(f"destroying {b!r} while it is being written")
+            self._destroy(b)
+            return
+        b.flags &= ~B_NOCACHE
+        b.busy = False
+        self._requeue(b)
+
+    def bqrelse(self, b: Buf) -> None:
+        """Release ``b`` keeping its contents: DIRTY or DIRTY_HW if dirty, else CLEAN tail."""
+        if b.valid == 0 and not b.flags & B_DELWRI:
+            self.brelse(b)
+            return
+        b.busy = False
+        self._requeue(b)
+
+    # ================================================================== reads
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` with the disk's bytes at ``offset``.  May block on misses."""
+        end = offset + len(buf)
+        pos = offset
+        shift = self.shift
+        bmask = self.block_size - 1
+        hashget = self.hash.get
+        clean = self.queues[QUEUE_CLEAN]
+        st = self.stats
+        ra: list[tuple[Buf, int]] | None = None
+        self.lock.acquire()
+        try:
+            st.reads += 1
+            while pos < end:
+                blkno = pos >> shift
+                boff = pos & bmask
+                n = min(bmask + 1 - boff, end - pos)
+                b = hashget(blkno)
+                if b is not None and not b.busy:
+                    first = boff >> SECTOR_SHIFT
+                    need = ((2 << (((boff + n - 1) >> SECTOR_SHIFT) - first)) - 1) << first
+                    if b.valid & need == need:
+                        dst = pos - offset
+                        buf[dst:dst + n] = b.data[boff:boff + n]
+                        st.hits += 1
+                        if b.flags & (B_AGE | B_RAM):
+                            if b.flags & B_RAM:
+                                st.readahead_hits += 1
+                            b.flags &= ~(B_AGE | B_RAM)
+                        if b.qindex == QUEUE_CLEAN:
+                            clean.move_to_end(b.index)
+                        pos += n
+                        continue
+                self._bread_miss(blkno, boff, n, buf, pos - offset)
+                pos += n
+            if self.readahead:
+                first_blk, last_blk = offset >> shift, (end - 1) >> shift
+                if first_blk in (self._ra_last, self._ra_last + 1):
+                    ra = self._breadn(last_blk + 1, self.readahead)
+                self._ra_last = last_blk
+        finally:
+            self.lock.release()
+        if ra:
+            for b, blkno in ra:
+                self.submit(self._readahead_done, b, blkno)
+
+    def prefetch(self, offset: int, count: int) -> None:
+        """NBD_CMD_CACHE: bring [offset, offset+count) into the cache without copying out."""
+        end = offset + count
+        with self.lock:
+            pos = offset
+            while pos < end:
+                blkno = pos >> self.shift
+                boff = pos & (self.block_size - 1)
+                n = min(self.block_size - boff, end - pos)
+                self._bread_miss(blkno, boff, n, None, 0)
+                pos += n
+
+    def _bread_miss(self, blkno: int, boff: int, n: int, out: memoryview | None,
+                    dst: int) -> None:
+        """Slow path of a read of one block: getblk, fill the missing sectors, copy out."""
+        b = self.getblk(blkno)
+        assert b is not None
+        need = sector_span(boff, boff + n)
+        missing = need & ~b.valid
+        if missing:
+            self.stats.misses += 1
+            self._fill(b, missing)
+        else:
+            self.stats.hits += 1
+        if out is not None:
+            out[dst:dst + n] = b.data[boff:boff + n]
+        b.flags &= ~B_RAM
+        self.bqrelse(b)
+
+    def _fill(self, b: Buf, missing: int) -> None:
+        """Read the sectors spanning ``missing`` into invalid sectors of busy ``b``.
+
+        Releases the engine lock during the backend read.  Sectors that are
+        valid (possibly dirty) are never overwritten.  On error the buffer is
+        released (destroyed if it holds nothing) and the OSError propagates.
+        """
+        limit = self.blocklen(b.blkno)
+        lo = (missing & -missing).bit_length() - 1
+        hi = missing.bit_length()
+        start, stop = lo << SECTOR_SHIFT, min(hi << SECTOR_SHIFT, limit)
+        span = ((1 << (hi - lo)) - 1) << lo
+        direct = not (b.valid & span)
+        base = b.blkno << self.shift
+        tmp = None if direct else bytearray(stop - start)
+        self.lock.release()
+        try:
+            target = b.data[start:stop] if direct else memoryview(tmp)
+            self.backend.pread(target, base + start)
+            err = None
+        except OSError as e:
+            err = e
+        finally:
+            self.lock.acquire()
+        self.stats.backend_reads += 1
+        self.stats.backend_read_bytes += stop - start
+        if err is not None:
+            self.stats.read_errors += 1
+            self.brelse(b)
+            raise err
+        if not direct:
+            for s, cnt in runs(span & ~b.valid):
+                a, z = (s - lo) << SECTOR_SHIFT, min((s - lo + cnt) << SECTOR_SHIFT, stop - start)
+                b.data[start + a:start + z] = tmp[a:z]
+        self._set_valid(b, span)
+
+    def _set_valid(self, b: Buf, mask: int) -> None:
+        b.valid |= mask
+        if b.valid == self.fullmask(b.blkno):
+            b.flags |= B_CACHE
+
+    def _breadn(self, start: int, count: int) -> list[tuple[Buf, int]]:
+        """Claim buffers for up to ``count`` uncached blocks from ``start`` (read-ahead).
+        Never waits: stops at the first block for which no buffer is free."""
+        out = []
+        for blkno in range(start, min(start + count, self.nblocks)):
+            if blkno in self.hash or (self._discarding and self._fenced(blkno)):
+                continue
+            b = self.getnewbuf(wait=False)
+            if b is None:
+                break
+            b.blkno = blkno
+            b.flags = B_RAM | B_AGE
+            b.busy = True
+            self.hash[blkno] = b
+            out.append((b, blkno))
+            self.stats.readahead_issued += 1
+        return out
+
+    def _readahead_done(self, b: Buf, blkno: int) -> None:
+        limit = self.blocklen(blkno)
+        try:
+            self.backend.pread(b.data[:limit], blkno << self.shift)
+            err = None
+        except OSError as e:
+            err = e
+        with self.lock:
+            self.stats.backend_reads += 1
+            self.stats.backend_read_bytes += limit
+            if err is not None:
+                self.stats.read_errors += 1
+                self.brelse(b)
+                return
+            self._set_valid(b, self.fullmask(blkno))
+            self.bqrelse(b)
+
+    # ================================================================== writes
+
+    def pwrite(self, buf: memoryview | bytes, offset: int, fua: bool = False) -> None:
+        """Write ``buf`` at ``offset`` into the cache (bdwrite); with ``fua`` also write it
+        back and flush the backend before returning.  May block in bd_wait when
+        dirty+running space is past mid2: back-pressure, never an error."""
+        end = offset + len(buf)
+        pos = offset
+        shift = self.shift
+        bmask = self.block_size - 1
+        hashget = self.hash.get
+        st = self.stats
+        self.lock.acquire()
+        try:
+            st.writes += 1
+            while pos < end:
+                blkno = pos >> shift
+                boff = pos & bmask
+                n = min(bmask + 1 - boff, end - pos)
+                src = pos - offset
+                b = hashget(blkno)
+                need = sector_span(boff, boff + n)
+                partial = need & ~sector_cover(boff, boff + n, self.blocklen(blkno))
+                if b is not None and not b.busy and not partial & ~b.valid:
+                    b.data[boff:boff + n] = buf[src:src + n]
+                    self._set_valid(b, need)
+                    self.bdirty(b, need)
+                    if b.qindex == QUEUE_CLEAN:
+                        self.bremfree(b)
+                        self._enqueue(b, QUEUE_DIRTY_HW if b.flags & B_HEAVY else QUEUE_DIRTY)
+                else:
+                    b = self.getblk(blkno)
+                    assert b is not None
+                    # Read-modify-write: fill the (at most two) partial sectors that are not
+                    # valid yet; on error _fill has released the buffer.
+                    for s, cnt in runs(partial & ~b.valid):
+                        self._fill(b, ((1 << cnt) - 1) << s)
+                    b.data[boff:boff + n] = buf[src:src + n]
+                    self._set_valid(b, need)
+                    self.bdirty(b, need)
+                    self.bqrelse(b)
+                pos += n
+            excess = self.throttle.bd_heatup()
+            if excess > 0:
+                self.throttle.bd_wait(excess)
+        finally:
+            self.lock.release()
+        if fua:
+            st.fua_writes += 1
+            self.sync_range(offset, len(buf))
+            self.backend.flush()
+
+    # ================================================================== write-back
+
+    def _segments(self, bufs: list[Buf]) -> list[tuple[int, int]]:
+        """Byte ranges (disk offset, length) to write for a cluster: runs of valid sectors,
+        trimmed to their first and last dirty sector, merged across block boundaries."""
+        out: list[list[int]] = []
+        for b in bufs:
+            base = b.blkno << self.shift
+            limit = self.blocklen(b.blkno)
+            for s, cnt in runs(b.valid):
+                d = b.dirty & (((1 << cnt) - 1) << s)
+                if not d:
+                    continue
+                lo = (d & -d).bit_length() - 1
+                hi = d.bit_length()
+                start = base + (lo << SECTOR_SHIFT)
+                stop = base + min(hi << SECTOR_SHIFT, limit)
+                if out and out[-1][0] + out[-1][1] == start:
+                    out[-1][1] += stop - start
+                else:
+                    out.append([start, stop - start])
+        return [(o, n) for o, n in out]
+
+    def _issue(self, bufs: list[Buf]) -> WriteJob:
+        """Snapshot a cluster and mark it in flight (bawrite).  Buffers are off-queue,
+        dirty, not busy and not writing."""
+        bs = self.block_size
+        segs = []
+        for off, n in self._segments(bufs):
+            data = bytearray(n)
+            pos = 0
+            while pos < n:
+                blkno = (off + pos) >> self.shift
+                boff = (off + pos) & (bs - 1)
+                k = min(bs - boff, n - pos)
+                data[pos:pos + k] = self.hash[blkno].data[boff:boff + k]
+                pos += k
+            segs.append((off, bytes(data) if n <= 4096 else data))
+        for b in bufs:
+            b.writing = True
+            b.wgen = b.gen
+        running = len(bufs) * bs
+        self.throttle.bsetrunningbufspace(running)
+        return WriteJob(bufs, [b.gen for b in bufs], segs, running,
+                        bool(bufs[0].flags & B_HEAVY))
+
+    def _cluster(self, b: Buf) -> WriteJob:
+        """cluster_awrite: gather idle dirty neighbours of ``b`` (same queue class) up to
+        max_io into one job.  ``b`` is already off its queue."""
+        heavy = b.flags & B_HEAVY
+        maxbufs = max(1, self.max_io >> self.shift)
+        qidx = QUEUE_DIRTY_HW if heavy else QUEUE_DIRTY
+
+        def eligible(n: Buf | None) -> bool:
+            return (n is not None and n.qindex == qidx and n.flags & B_DELWRI
+                    and not (n.flags & B_ERROR and n.retry_at > now))
+
+        now = self.clock()
+        lo = hi = b.blkno
+        while hi - lo + 1 < maxbufs and eligible(self.hash.get(hi + 1)):
+            hi += 1
+        while hi - lo + 1 < maxbufs and eligible(self.hash.get(lo - 1)):
+            lo -= 1
+        bufs = []
+        for k in range(lo, hi + 1):
+            n = self.hash[k]
+            self.bremfree(n)
+            bufs.append(n)
+        return self._issue(bufs)
+
+    def _do_write(self, job: WriteJob) -> WriteJob:
+        """Carry out a write-back job (no lock), then complete it under the lock."""
+        try:
+            for off, data in job.segments:
+                self.backend.pwrite(data, off)
+        except OSError as e:
+            job.error = e
+        with self.lock:
+            self._biodone(job)
+        job.done.set()
+        return job
+
+    def _biodone(self, job: WriteJob) -> None:
+        """Write-back completion (bpdone): undirty buffers not modified meanwhile; on
+        error keep them dirty with B_ERROR and a retry back-off (L3541–3565)."""
+        st = self.stats
+        self.throttle.runningbufwakeup(job.running)
+        now = self.clock()
+        for b, gen in zip(job.bufs, job.gens):
+            b.writing = False
+            if job.error is not None:
+                b.flags = (b.flags | B_ERROR) & ~B_AGE
+                b.errors += 1
+                b.retry_at = now + min(0.01 * (1 << min(b.errors, 7)), 1.0)
+            else:
+                b.flags &= ~B_ERROR
+                b.errors = 0
+                if b.gen == gen:
+                    self.bundirty(b)
+                    b.flags |= B_AGE
+            self._requeue(b)
+        if job.error is not None:
+            st.writeback_errors += 1
+            if not self._writeback_failing and self.log:
+                self.log.warning("writeback.error", error=str(job.error),
+                                 offset=job.segments[0][0] if job.segments else None)
+            self._writeback_failing = True
+        else:
+            st.writeback_clusters += 1
+            st.writeback_bufs += len(job.bufs)
+            st.writeback_segments += len(job.segments)
+            st.writeback_bytes += sum(len(d) for _, d in job.segments)
+            if self._writeback_failing and self.log:
+                self.log.info("writeback.recovered")
+            self._writeback_failing = False
+        self._wakeup()
+
+    def flushbufqueues(self, qindex: int) -> int:
+        """Issue write-back for up to flushperqueue buffers of a dirty queue (L2334–2475).
+
+        The walk starts at the head each time (buffers leave the queue when
+        chosen, so the head is where the kernel's marker would stand); buffers
+        in error back-off are passed over to the tail.  Stops early once
+        runningbufspace reaches hirunningspace, so in-flight write-back stays
+        bounded (the kernel bounds it further down, in the I/O layer).
+        Returns the number of buffers handled.  Takes the lock; submits I/O.
+        """
+        jobs = []
+        r = 0
+        with self.lock:
+            q = self.queues[qindex]
+            t = self.throttle
+            loops = self.flushperqueue
+            seen = len(q)
+            now = self.clock()
+            while q and seen > 0 and loops > 0:
+                seen -= 1
+                b = next(iter(q.values()))
+                if b.flags & B_ERROR and b.retry_at > now:
+                    q.move_to_end(b.index)
+                    continue
+                self.bremfree(b)
+                job = self._cluster(b)
+                jobs.append(job)
+                loops -= len(job.bufs)
+                r += len(job.bufs)
+                if t.runningbufspace >= t.hirunningspace:
+                    break
+        for job in jobs:
+            self.submit(self._do_write, job)
+        return r
+
+    def sync_range(self, offset: int, count: int) -> None:
+        """Write back, and wait for, every dirty block in [offset, offset+count) (bwrite)."""
+        b0, b1 = offset >> self.shift, (offset + count - 1 >> self.shift) + 1
+        with self.lock:
+            targets = [(b, b.blkno) for k in range(b0, b1)
+                       if (b := self.hash.get(k)) is not None and b.flags & B_DELWRI]
+            self._sync_writeback(targets)
+
+    def flush(self) -> None:
+        """NBD FLUSH: write back every block dirty now, wait for in-flight writes, then
+        flush the backend.  Raises the first write-back or backend error."""
+        with self.lock:
+            self.stats.flushes += 1
+            targets = [(b, b.blkno) for b in self.bufs if b.flags & B_DELWRI]
+            try:
+                self._sync_writeback(targets)
+            except OSError:
+                self.stats.flush_errors += 1
+                raise
+        try:
+            self.backend.flush()
+        except OSError:
+            with self.lock:
+                self.stats.flush_errors += 1
+            raise
+
+    def _sync_writeback(self, targets: Iterable[tuple[Buf, int]]) -> None:
+        """Write back the given (buffer, block) pairs that are still dirty, in clusters,
+        in parallel through ``submit``; wait for all.  Lock held; released while waiting."""
+        jobs: list[WriteJob] = []
+        mine: set[int] = set()          # buffers in our own, not yet submitted, jobs
+        for b, blk in targets:
+            if b.index in mine:
+                continue
+            while (b.busy or b.writing) and b.blkno == blk:
+                self._wait()
+            if b.blkno != blk or not b.flags & B_DELWRI or b.index in mine:
+                continue
+            self.bremfree(b)
+            job = self._cluster(b)
+            jobs.append(job)
+            mine.update(x.index for x in job.bufs)
+        if not jobs:
+            return
+        self.lock.release()
+        try:
+            futures = [self.submit(self._do_write, j) for j in jobs]
+            for f in futures:
+                f.result()
+        finally:
+            self.lock.acquire()
+        for j in jobs:
+            if j.error is not None:
+                raise OSError(j.error.errno or errno.EIO,
+                              f"write-back failed: {j.error.strerror or j.error}")
+
+    # ================================================================== discard
+
+    def _fenced(self, blkno: int) -> bool:
+        return any(lo <= blkno < hi for lo, hi in self._discarding)
+
+    def discard(self, offset: int, count: int, zero: bool, fua: bool = False) -> None:
+        """TRIM (zero=False) or WRITE_ZEROES (zero=True) of [offset, offset+count).
+
+        Whole blocks are dropped from the cache, dirty data included (the only
+        operations allowed to), and the backend trims or zeroes them while the
+        range is fenced against new buffers.  Partial blocks at either end are
+        written as zeroes through the cache for WRITE_ZEROES and left alone by
+        TRIM (which is advisory).
+        """
+        bs = self.block_size
+        end = offset + count
+        b0 = -(-offset // bs)
+        b1 = self.nblocks if end >= self.size else end // bs
+        if b1 <= b0:
+            if zero:
+                self._write_zeroes(offset, end)
+        else:
+            if zero and offset < b0 * bs:
+                self._write_zeroes(offset, b0 * bs)
+            if zero and end > b1 * bs:
+                self._write_zeroes(b1 * bs, end)
+            self._discard_blocks(b0, b1, zero)
+        if fua:
+            self.sync_range(offset, count)
+            self.backend.flush()
+
+    def _write_zeroes(self, start: int, end: int) -> None:
+        zeroes = memoryview(_ZEROES)
+        while start < end:
+            n = min(len(_ZEROES), end - start)
+            self.pwrite(zeroes[:n], start)
+            start += n
+
+    def _discard_blocks(self, b0: int, b1: int, zero: bool) -> None:
+        with self.lock:
+            self.stats.discards += 1
+            fence = (b0, b1)
+            self._discarding.append(fence)
+            try:
+                if b1 - b0 <= len(self.hash):
+                    cached = [k for k in range(b0, b1) if k in self.hash]
+                else:
+                    cached = [k for k in self.hash if b0 <= k < b1]
+                for blkno in cached:
+                    b = self.hash.get(blkno)
+                    while b is not None and (b.busy or b.writing):
+                        self._wait()
+                        b = self.hash.get(blkno)
+                    if b is None:
+                        continue
+                    if b.flags & B_DELWRI:
+                        self.stats.discarded_dirty += 1
+                    self.bremfree(b)
+                    b.busy = True
+                    b.flags |= B_NOCACHE | B_INVAL
+                    self.brelse(b)
+                start = b0 << self.shift
+                length = min(b1 << self.shift, self.size) - start
+                self.lock.release()
+                try:
+                    if zero:
+                        self.backend.zero(start, length)
+                    else:
+                        self.backend.trim(start, length)
+                finally:
+                    self.lock.acquire()
+            finally:
+                self._discarding.remove(fence)
+                self._wakeup()
+
+    # ================================================================== invariants & stats
+
+    def check_invariants(self) -> None:
+        """Raise BufCacheInvariantError if any accounting or queue invariant fails.
+
+        Call with no I/O in flight from other threads for exact results (tests do).
+        """
+        def fail(msg: str) -> None:
+            raise BufCacheInvariantError(msg)
+
+        bs = self.block_size
+        t = self.throttle
+        seen: set[int] = set()
+        for qi, q in enumerate(self.queues):
+            for idx, b in q.items():
+                if b.qindex != qi or b.index != idx:
+                    fail(f"{b!r} found on queue {QUEUE_NAMES[qi]}")
+                if idx in seen:
+                    fail(f"{b!r} on two queues")
+                seen.add(idx)
+                if b.busy or b.writing:
+                    fail(f"{b!r} is queued while busy or writing")
+        dirty = dirtyhw = dirtybytes = dirtybyteshw = 0
+        running = 0
+        held = 0
+        for b in self.bufs:
+            if b.qindex == QUEUE_NONE and not (b.busy or b.writing):
+                fail(f"{b!r} is idle but on no queue")
+            if b.dirty & ~b.valid:
+                fail(f"{b!r} has dirty sectors that are not valid")
+            if bool(b.flags & B_DELWRI) != bool(b.dirty):
+                fail(f"{b!r}: B_DELWRI disagrees with its dirty mask")
+            if b.flags & B_DELWRI and b.qindex in (QUEUE_CLEAN, QUEUE_EMPTY):
+                fail(f"{b!r}: a dirty buffer on {QUEUE_NAMES[b.qindex]}")
+            if b.qindex == QUEUE_DIRTY_HW and not b.flags & B_HEAVY:
+                fail(f"{b!r}: on DIRTY_HW without B_HEAVY")
+            if b.blkno >= 0:
+                if self.hash.get(b.blkno) is not b:
+                    fail(f"{b!r} is not the hashed buffer of block {b.blkno}")
+                if bool(b.flags & B_CACHE) != (b.valid == self.fullmask(b.blkno)):
+                    fail(f"{b!r}: B_CACHE disagrees with its valid mask")
+                held += 1
+            elif b.qindex != QUEUE_EMPTY and not b.busy:
+                fail(f"{b!r}: no identity but not on EMPTY")
+            if b.qindex == QUEUE_EMPTY and (b.blkno >= 0 or b.valid):
+                fail(f"{b!r}: on EMPTY with contents")
+            if b.flags & B_DELWRI:
+                dirty += 1
+                dirtybytes += b.dirty.bit_count() * SECTOR
+                if b.flags & B_HEAVY:
+                    dirtyhw += 1
+                    dirtybyteshw += b.dirty.bit_count() * SECTOR
+            if b.writing:
+                running += 1
+        if len(self.hash) != held:
+            fail(f"hash holds {len(self.hash)} buffers, {held} have an identity")
+        if self.bufspace != bs * (self.nbuf - len(self.queues[QUEUE_EMPTY])):
+            fail(f"bufspace {self.bufspace} != block_size * buffers off EMPTY")
+        if (t.dirtybufcount, t.dirtybufcounthw) != (dirty, dirtyhw):
+            fail(f"dirtybufcount(hw) {t.dirtybufcount}/{t.dirtybufcounthw} != {dirty}/{dirtyhw}")
+        if t.dirtykvaspace != dirty * bs:
+            fail(f"dirtykvaspace {t.dirtykvaspace} != {dirty} * block_size")
+        if (t.dirtybufspace, t.dirtybufspacehw) != (dirtybytes, dirtybyteshw):
+            fail(f"dirtybufspace(hw) {t.dirtybufspace}/{t.dirtybufspacehw} != "
+                 f"{dirtybytes}/{dirtybyteshw}")
+        if running == 0 and (t.runningbufspace or t.runningbufcount):
+            fail(f"runningbufspace {t.runningbufspace} with nothing in flight")
+        if t.runningbufspace < 0 or t.runningbufcount < 0:
+            fail("negative running counters")
+
+    def counters(self) -> dict[str, Any]:
+        """Every statistic under its kernel name (and ours), read under the lock."""
+        with self.lock:
+            t = self.throttle
+            st = self.stats.as_dict()
+            out = {
+                "nbuf": self.nbuf, "block_size": self.block_size,
+                "bufspace": self.bufspace, "maxbufspace": self.maxbufspace,
+                "hibufspace": self.hibufspace, "lobufspace": self.lobufspace,
+                "getnewbufcalls": self.getnewbufcalls, "flushingbufs": int(self.flushing),
+                "dirtybufspace": t.dirtybufspace, "dirtybufspacehw": t.dirtybufspacehw,
+                "dirtykvaspace": t.dirtykvaspace, "dirtybufcount": t.dirtybufcount,
+                "dirtybufcounthw": t.dirtybufcounthw, "runningbufspace": t.runningbufspace,
+                "runningbufcount": t.runningbufcount, "hidirtybufspace": t.hidirtybufspace,
+                "lodirtybufspace": t.lodirtybufspace, "hirunningspace": t.hirunningspace,
+                "bd_wait_blocks": t.bd_wait_blocks,
+                "bd_wait_seconds": round(t.bd_wait_seconds, 6),
+                "bd_speedup_kicks": t.bd_speedup_kicks, "bd_wake_index": t.bd_wake_index,
+                "waitrunningbufspace_blocks": t.waitrunningbufspace_blocks,
+                "queue_clean": len(self.queues[QUEUE_CLEAN]),
+                "queue_dirty": len(self.queues[QUEUE_DIRTY]),
+                "queue_dirty_hw": len(self.queues[QUEUE_DIRTY_HW]),
+                "queue_empty": len(self.queues[QUEUE_EMPTY]),
+                "flushperqueue": self.flushperqueue, "max_io": self.max_io,
+                "readahead": self.readahead,
+            }
+            out.update(st)
+        lookups = out["hits"] + out["misses"]
+        out["hit_ratio"] = round(out["hits"] / lookups, 4) if lookups else 0.0
+        out["writeback_mean_cluster_bufs"] = (
+            round(out["writeback_bufs"] / out["writeback_clusters"], 2)
+            if out["writeback_clusters"] else 0.0)
+        return out
