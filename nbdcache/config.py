@@ -273,6 +273,10 @@ def parse_value(key: str, raw: Any) -> Any:
     """Parse and range-check one value for ``key``; raise ConfigError naming both."""
     t = BY_KEY.get(key)
     if t is None:
+        section = [k for k in BY_KEY if k.startswith(key + ".")]
+        if section:
+            raise ConfigError(f"{key}: got {raw!r}, expected a mapping of settings such as "
+                              f"{', '.join(section[:3])}")
         raise _unknown(key)
     if raw is None:
         return None

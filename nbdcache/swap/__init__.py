@@ -1,0 +1,1 @@
+"""Swap: spill space for blocks evicted from the RAM cache, after FreeBSD's swap pager."""
