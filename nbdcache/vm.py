@@ -76,7 +76,7 @@ class GuestError(Exception):
                  result: dict | None = None, serial_log: Path | None = None) -> None:
         text = message
         if serial_tail:
-            text += "\n--- last lines of the serial console ---\n" + serial_tail
+            text += "\n--- last lines of the serial console (and QEMU messages) ---\n" + serial_tail
         super().__init__(text)
         self.reason = message
         self.serial_tail = serial_tail
@@ -476,8 +476,12 @@ def run_guest(socket_path: str, workload: str, *, timeout: float = 300, mem_mb: 
             qmp = QMPClient(qmp_path, min(deadline, time.monotonic() + NBD_OPEN_TIMEOUT_S + 20),
                             alive=lambda: proc.poll() is None)
         except QMPError as exc:
+            try:
+                proc.wait(timeout=2)        # QEMU may be exiting: say so, not "QMP failed"
+            except subprocess.TimeoutExpired:
+                pass
             if proc.poll() is not None:
-                raise error(f"QEMU exited with status {proc.returncode} before QMP was up; "
+                raise error(f"QEMU exited with status {proc.returncode} while starting; "
                             f"{_server_state(socket_path)}") from None
             raise error(f"no QMP connection to QEMU: {exc.reason}") from None
 

@@ -55,7 +55,7 @@ def test_file_backend_round_trips(serve, tmp_path):
     assert (tmp_path / "disk.img").read_bytes() == model     # flushed data is in the file
 
 
-def test_nbd_backend_round_trips(serve, upstream, tmp_path):
+def test_nbd_backend_round_trips(upstream, serve, tmp_path):
     up = upstream("memory", "32M")
     s = serve(f"backend: {{type: nbd, uri: '{up.uri}'}}\ncache: {{ram: 4M}}\n")
     h = s.connect()
@@ -63,6 +63,7 @@ def test_nbd_backend_round_trips(serve, upstream, tmp_path):
     model = exercise(h, 32 * MiB, seed=2)
     direct = up.connect()
     assert direct.pread(32 * MiB, 0) == model                  # the upstream holds it all
+    direct.shutdown()
 
 
 def test_multi_megabyte_and_unaligned(serve, tmp_path):

@@ -74,6 +74,10 @@ class Deferred:
 def make_cache(ram: int = 1 * MiB, block_size: int = 64 * KiB, disk: int = 8 * MiB,
                backend: MemoryBackend | None = None, **kw: Any) -> BufCache:
     params = bufinit({"cache.ram": ram, "cache.block_size": block_size})
+    if isinstance(kw.get("submit"), Deferred):
+        # I/O completes only when the test says so: guest writes must not wait for it.
+        kw.setdefault("hidirtybufspace", 1 << 40)
+        kw.setdefault("lodirtybufspace", 1 << 39)
     for k in ("hidirtybufspace", "lodirtybufspace", "hirunningspace", "hibufspace",
               "lobufspace"):
         if k in kw:
