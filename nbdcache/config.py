@@ -206,6 +206,10 @@ TUNABLES: tuple[Tunable, ...] = (
        "var/run/nbdcache.sock beside the config); its directory is created 0700."),
     _T("server.port", "int", None, "TCP port `nbdcache serve` listens on instead of a socket "
        "(loopback only).", minimum=1, maximum=65535),
+    _T("server.control_socket", "path", None, "Unix socket for `nbdcache stats` and `nbdcache "
+       "set` (default: the export socket's path with .ctl appended; its directory is 0700)."),
+    _T("server.prometheus_port", "int", 0, "Serve Prometheus text metrics on 127.0.0.1:PORT "
+       "(0: off).", minimum=0, maximum=65535),
     # -- logging
     _T("log.level", "enum", "info", "Lowest structlog level written. Per-request events are "
        "debug only.", choices=("debug", "info", "warning", "error")),

@@ -82,6 +82,65 @@ class Engine:
         out["uptime"] = round(time.monotonic() - self.started, 3) if self.started else 0.0
         return out
 
+    # -- live tunables ------------------------------------------------------------------
+
+    def tunables(self) -> dict[str, Any]:
+        """Current values of every live tunable, by dotted key."""
+        c, t = self.cache, self.cache.throttle
+        return {
+            "cache.hidirtybufspace": t.hidirtybufspace,
+            "cache.lodirtybufspace": t.lodirtybufspace,
+            "cache.hirunningspace": t.hirunningspace,
+            "cache.flushperqueue": c.flushperqueue,
+            "cache.max_io": c.max_io,
+            "cache.readahead": c.readahead,
+            "cache.daemon_interval": self.daemons.interval,
+            "log.stats_interval": self.daemons.stats_interval,
+        }
+
+    def set_tunable(self, key: str, raw: Any) -> tuple[Any, Any]:
+        """Change a live tunable with the startup validation; return (old, new).
+
+        Raises ConfigError naming the key and the problem; nothing changes then.
+        Lo/high pairs are checked together against the current other half.
+        """
+        from nbdcache.config import BY_KEY, LIVE, ConfigError, check_pairs, parse_value
+        t = BY_KEY.get(key)
+        value = parse_value(key, raw)           # unknown keys and bad values raise here
+        if t.mutability != LIVE:
+            raise ConfigError(f"{key}: can only be set at startup (in the YAML file or with "
+                              "--set); restart the server to change it")
+        if value is None:
+            raise ConfigError(f"{key}: a value is required")
+        current = self.tunables()
+        if key not in current:
+            raise ConfigError(f"{key}: not adjustable on this server")
+        old = current[key]
+        c, th = self.cache, self.cache.throttle
+        with c.lock:
+            params = dict(self.params)
+            params.update({k.split(".")[1]: v for k, v in current.items()
+                           if k.split(".")[1] in params})
+            short = key.split(".")[1]
+            if short in params:
+                params[short] = value
+                check_pairs(params)
+            if key == "cache.max_io" and (value < c.block_size or value % c.block_size):
+                raise ConfigError(f"{key}: got {raw!r}, expected a multiple of "
+                                  f"cache.block_size ({c.block_size})")
+            if short in ("hidirtybufspace", "lodirtybufspace", "hirunningspace"):
+                setattr(th, short, value)
+                self.params[short] = value
+            elif short in ("flushperqueue", "max_io", "readahead"):
+                setattr(c, short, value)
+            elif key == "cache.daemon_interval":
+                self.daemons.interval = value
+            elif key == "log.stats_interval":
+                self.daemons.stats_interval = value
+            th.bd_speedup()                     # a lowered mark takes effect at once
+        self.log.info("tunable.set", key=key, old=old, new=value)
+        return old, value
+
     # -- the data path -------------------------------------------------------------------
 
     def _check(self) -> None:
