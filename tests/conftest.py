@@ -24,6 +24,7 @@ class Server:
     def __init__(self, args: list[str], sock: Path, env: dict[str, str] | None = None,
                  log: Path | None = None) -> None:
         self.sock = sock
+        self.handles: list = []
         self.log = log or sock.with_suffix(".stderr")
         if sock.exists():
             sock.unlink()
@@ -52,10 +53,22 @@ class Server:
         import nbd
         h = nbd.NBD()
         h.connect_uri(self.uri)
+        self.handles.append(h)
         return h
 
+    def disconnect_all(self) -> None:
+        import nbd
+        for h in self.handles:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+        self.handles.clear()
+
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then wait (nbdkit's cleanup flushes); SIGKILL if it overruns."""
+        """Disconnect our clients (nbdkit waits for connected clients before its cleanup),
+        SIGTERM, then wait (cleanup flushes); SIGKILL if it overruns."""
+        self.disconnect_all()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

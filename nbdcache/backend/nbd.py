@@ -124,5 +124,4 @@ class NbdBackend(Backend):
                 h.shutdown()
             except nbd.Error:
                 pass
-            h.close()
         self._handles.clear()
