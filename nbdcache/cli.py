@@ -117,6 +117,16 @@ def cmd_tunables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    from nbdcache.runner import run_vm
+    return run_vm(Path(args.config), args.workload, _overrides(args.set), timeout=args.timeout)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nbdcache.runner import demo
+    return demo()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbdcache", description="A write-back buffer cache for "
                                 "QEMU disks, served by nbdkit.")
@@ -133,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
     c.set_defaults(func=cmd_check_config)
+    v = sub.add_parser("vm", help="serve a config's disk and run a workload in a QEMU guest")
+    v.add_argument("--config", required=True, help="YAML configuration file")
+    v.add_argument("--workload", default="fs", choices=["fs", "fio", "fsync", "smoke"])
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
+    v.add_argument("--timeout", type=float, default=600, help="seconds for the guest run")
+    v.set_defaults(func=cmd_vm)
+    d = sub.add_parser("demo", help="what `make run` does: the default disk, the fs workload")
+    d.set_defaults(func=cmd_demo)
     t = sub.add_parser("tunables", help="print the tunables table")
     t.add_argument("--markdown", action="store_true", help="as docs/tunables.md")
     t.set_defaults(func=cmd_tunables)

@@ -64,7 +64,10 @@ def config_complete() -> None:
         _cfg = configmod.load(_config_path, _overrides)
     except configmod.ConfigError as e:
         raise _startup_error(str(e)) from None
-    logmod.configure(_cfg["log.level"], _cfg["log.file"], _cfg["log.format"])
+    try:
+        logmod.configure(_cfg["log.level"], _cfg["log.file"], _cfg["log.format"])
+    except OSError as e:
+        raise _startup_error(f"log.file {_cfg['log.file']!r}: {e.strerror}") from None
 
 
 def config_help() -> str:
