@@ -42,8 +42,8 @@ log:
 """
 
 
-def say(msg: str, out: TextIO = sys.stderr) -> None:
-    print(f"[nbdcache] {msg}", file=out, flush=True)
+def say(msg: str, out: TextIO | None = None) -> None:
+    print(f"[nbdcache] {msg}", file=out or sys.stderr, flush=True)
 
 
 class ServerError(RuntimeError):
