@@ -4,14 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-system-x86 \
 	qemu-utils fio python3-venv python3-yaml busybox-static e2fsprogs zstd cpio fuse3 \
-	nbdfuse docker-compose
+	gnutls-bin docker-compose
 STAMP := $(VENV)/.installed
 
 .PHONY: setup run test test-fast bench reliability docs clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -34,8 +34,12 @@ test: setup
 test-fast: setup
 	@$(PY) -m pytest -q -m "not slow"
 
+bench: setup
+	@$(PY) bench/run.py
+
 docs: setup
 	@$(PY) -m nbdcache tunables --markdown > docs/tunables.md
+	@$(PY) -m nbdcache stats --markdown > docs/statistics.md
 
 clean:
 	rm -rf var/ .pytest_cache .hypothesis

@@ -83,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.chmod(d, 0o700)
         if Path(socket).is_socket():
             Path(socket).unlink()      # left behind by a killed server; nbdkit would refuse it
-    cmd = nbdkit_command(cfg, args.config, _overrides(args.set), socket, port)
+    from nbdcache.cli_observe import default_control_socket
+    cmd = nbdkit_command(cfg, args.config, {**_overrides(args.set), "server.control_socket":
+                                            default_control_socket(cfg)}, socket, port)
     where = f"nbd+unix:///?socket={socket}" if socket else f"nbd://127.0.0.1:{port}"
     print(f"nbdcache: serving {where}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=plugin_env())
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_vm)
     d = sub.add_parser("demo", help="what `make run` does: the default disk, the fs workload")
     d.set_defaults(func=cmd_demo)
+    from nbdcache import cli_observe
+    cli_observe.add_parsers(sub)
     t = sub.add_parser("tunables", help="print the tunables table")
     t.add_argument("--markdown", action="store_true", help="as docs/tunables.md")
     t.set_defaults(func=cmd_tunables)

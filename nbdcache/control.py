@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-A Unix stream socket (file mode 0600, in a directory created 0700 if missing)
-speaks one JSON object per line in each direction::
+A Unix stream socket (file mode 0600, in a directory created 0700 if missing;
+the file appears only once the socket listens, so a client that sees it can
+connect) speaks one JSON object per line in each direction::
 
     {"op": "stats"}                     -> {"ok": true, "stats": {...}, "time": <monotonic>}
     {"op": "tunables"}                  -> {"ok": true, "tunables": {"cache.max_io": ...}}
@@ -126,14 +127,20 @@ class ControlServer:
             path.parent.mkdir(parents=True, mode=0o700)
             os.chmod(path.parent, 0o700)        # mkdir's mode is filtered by the umask
         _remove_stale(path)
+        # Bind and listen under a temporary name, then rename: the socket file appears
+        # only once it accepts connections, and only with mode 0600.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            tmp.unlink(missing_ok=True)
             os.fchmod(sock.fileno(), 0o600)     # Linux: bind() creates the file with this mode
-            sock.bind(str(path))
-            os.chmod(path, 0o600)               # elsewhere: narrow it at once
+            sock.bind(str(tmp))
+            os.chmod(tmp, 0o600)                # elsewhere: narrow it before it is visible
             sock.listen(16)
+            os.rename(tmp, path)
         except OSError as e:
             sock.close()
+            tmp.unlink(missing_ok=True)
             raise OSError(e.errno, f"control socket {path}: {e.strerror}") from None
         self._listener = sock
         self._wake = socket.socketpair()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import time
+from time import perf_counter_ns
 from typing import Any
 
 from nbdcache import log as logmod
@@ -23,6 +24,7 @@ from nbdcache.config import Config
 from nbdcache.core.bufinit import bufinit
 from nbdcache.core.cache import BufCache
 from nbdcache.core.daemon import BufDaemons
+from nbdcache.histogram import LatencySet
 
 
 class Engine:
@@ -44,6 +46,8 @@ class Engine:
         )
         self.size = self.backend.size
         self.started = 0.0
+        self.observers: list = []
+        self.latency = LatencySet()
 
     def _kick(self, hw: bool) -> None:
         self.daemons.kick(hw)
@@ -56,6 +60,8 @@ class Engine:
         self.started = time.monotonic()
         self.log.info("engine.start", backend=self.backend.description, **{
             k: v for k, v in self.params.items()})
+        from nbdcache.control import start_observers
+        self.observers = start_observers(self)     # control socket, Prometheus: if configured
 
     def stop(self) -> None:
         """Flush if configured, stop the daemons, close the backend (nbdkit's cleanup)."""
@@ -69,6 +75,8 @@ class Engine:
                                dirty=self.cache.throttle.dirtybufcount)
         self.daemons.stop()
         self.log_stats(final=True)
+        from nbdcache.control import stop_observers
+        stop_observers(self.observers)
         self.backend.close()
         self.log.info("engine.stop")
 
@@ -80,6 +88,7 @@ class Engine:
         out["daemon_passes"] = self.daemons.passes[0]
         out["daemon_hw_passes"] = self.daemons.passes[1]
         out["uptime"] = round(time.monotonic() - self.started, 3) if self.started else 0.0
+        out.update(self.latency.snapshot())
         return out
 
     # -- live tunables ------------------------------------------------------------------
@@ -147,25 +156,40 @@ class Engine:
         if self.daemons.failed is not None:
             raise OSError(errno.EIO, f"a flush daemon failed: {self.daemons.failed!r}")
 
+    # Latency is recorded outside the engine lock: a concurrent miss can move a hit into the
+    # miss histogram; the counts stay exact.
+
     def pread(self, buf: memoryview, offset: int) -> None:
+        st = self.cache.stats
+        t0, misses = perf_counter_ns(), st.misses
         self.cache.pread(buf, offset)
+        lat = self.latency
+        (lat.read_hit if st.misses == misses else lat.read_miss).record(perf_counter_ns() - t0)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
         if self.daemons.failed is not None:
             self._check()
+        t0 = perf_counter_ns()
         self.cache.pwrite(buf, offset, fua)
+        self.latency.write.record(perf_counter_ns() - t0)
 
     def flush(self) -> None:
         self._check()
+        t0 = perf_counter_ns()
         self.cache.flush()
+        self.latency.flush.record(perf_counter_ns() - t0)
 
     def trim(self, offset: int, count: int, fua: bool = False) -> None:
         self._check()
+        t0 = perf_counter_ns()
         self.cache.discard(offset, count, zero=False, fua=fua)
+        self.latency.trim.record(perf_counter_ns() - t0)
 
     def zero(self, offset: int, count: int, fua: bool = False) -> None:
         self._check()
+        t0 = perf_counter_ns()
         self.cache.discard(offset, count, zero=True, fua=fua)
+        self.latency.zero.record(perf_counter_ns() - t0)
 
     def prefetch(self, offset: int, count: int) -> None:
         self.cache.prefetch(offset, count)

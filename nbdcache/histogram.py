@@ -72,6 +72,17 @@ class Histogram:
         self.counts[i] += 1
         self.sum_ns += ns
 
+    def check_invariants(self) -> None:
+        """Raise HistogramError unless there are NBUCKETS counts, none negative, and the sum
+        lies between what the recorded counts' bucket bounds allow."""
+        c = self.counts
+        if len(c) != NBUCKETS or any(not isinstance(n, int) or n < 0 for n in c):
+            raise HistogramError(f"bucket counts corrupt: {c!r}")
+        low = sum(n * (UPPER_NS[i - 1] if i else 0) for i, n in enumerate(c))
+        high = sum(n * UPPER_NS[i] for i, n in enumerate(c[:LAST]))
+        if self.sum_ns < low or (not c[LAST] and self.sum_ns > high):
+            raise HistogramError(f"sum {self.sum_ns} ns outside [{low}, {high}] for {c!r}")
+
     @property
     def count(self) -> int:
         return sum(self.counts)

@@ -38,6 +38,7 @@ from nbdcache.core.bufinit import midpoints
 
 MiB = 1024 * 1024
 NAN = math.nan
+LEGEND = {"loc": "upper left", "bbox_to_anchor": (1.08, 1.0), "fontsize": "small"}
 
 
 class PlotError(ValueError):
@@ -151,7 +152,7 @@ def plot(log_path: str | Path, out_png: str | Path) -> Path:
 
     samples = load(log_path)
     t = [s for s, _ in samples]
-    fig = Figure(figsize=(11, 15), layout="constrained")
+    fig = Figure(figsize=(13, 15), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(6, 1, sharex=True)
     fig.suptitle(f"{Path(log_path).name}: {len(samples)} samples over {t[-1]:.1f} s")
@@ -188,7 +189,7 @@ def plot(log_path: str | Path, out_png: str | Path) -> Path:
     ops.plot(t, rates(samples, "writes"), ":", color="tab:red", label="writes/s")
     ops.set_ylabel("requests/s")
     lines = ax.get_lines() + ops.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize="small")
+    ax.legend(lines, [ln.get_label() for ln in lines], **LEGEND)
     ax.set_title("throughput per interval", loc="left")
     ax.grid(True, alpha=0.3)
 
@@ -230,4 +231,4 @@ def _finish(ax: Any, title: str, ylabel: str) -> None:
     ax.set_title(title, loc="left")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(**LEGEND)

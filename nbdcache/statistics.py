@@ -226,6 +226,51 @@ STATISTICS: tuple[Statistic, ...] = (
        "Swap reads that failed."),
     _W("swap_lost_dirty", "blocks", "counter", "",
        "Dirty blocks whose only copy, in swap, could not be read back: data lost."),
+    _W("swap_unreadable_slots", "slots", "gauge", "",
+       "Dirty entries flagged unreadable after a read error (reads of them fail with EIO "
+       "until the block is rewritten or trimmed)."),
+    _W("swap_pending_free", "slots", "gauge", "",
+       "Freed slots held back until the page-in reading them completes."),
+    _W("swap_pageout_inflight", "blocks", "gauge", "nsw_wcount_async",
+       "Blocks in page-out runs written but not yet mapped."),
+    _W("swap_pageout_failed", "blocks", "counter", "VM_PAGER_FAIL",
+       "Page-out victims kept in RAM because no slot run could be allocated."),
+    _W("swap_pageout_deferred", "blocks", "counter", "nsw_wcount_async",
+       "Page-out victims returned because no write credit was free."),
+    _W("swap_pageout_cancelled", "blocks", "counter", "",
+       "Blocks modified or trimmed while their page-out was in flight (new slot freed)."),
+    _W("swap_pagein_stale", "blocks", "counter", "",
+       "Page-in results dropped because the block's mapping changed during the read."),
+    _W("swap_unswapped", "count", "counter", "swap_pager_unswapped",
+       "Swap copies freed because the guest modified the block in RAM."),
+    _W("swap_freed_by_trim", "slots", "counter", "swp_pager_meta_free",
+       "Slots freed by TRIM or WRITE_ZEROES."),
+    _W("swap_trimmed_dirty", "blocks", "counter", "",
+       "Dirty swap copies that a TRIM or WRITE_ZEROES made obsolete."),
+    _W("swap_reclaimed_clean", "slots", "counter", "",
+       "Clean copies given up to make room for dirty spill when almost full."),
+    _W("swap_set_clean", "count", "counter", "",
+       "Dirty slots turned clean once the block was written back to the backend."),
+    _W("swap_deferred_frees", "count", "counter", "",
+       "Slot frees deferred because a page-in was reading the slot."),
+    _W("swap_pageout_mean_cluster", "blocks", "gauge", "v_swappgsout / v_swapout",
+       "swap_pageout_blocks / swap_pageout_runs since start."),
+    _W("swap_pagein_mean_cluster", "blocks", "gauge", "v_swappgsin / v_swapin",
+       "swap_pagein_blocks / swap_pagein_runs since start."),
+    _W("swap_dmmax", "slots", "gauge", "dmmax",
+       "Interleave stripe: no swap I/O crosses a multiple of it."),
+    _W("swap_cluster_max", "blocks", "gauge", "nsw_cluster_max",
+       "Most blocks one page-out run may carry."),
+    _W("swap_async_max", "count", "gauge", "swap_async_max",
+       "Asynchronous page-out runs allowed in flight (as requested)."),
+    _W("swap_async_credits", "count", "gauge", "nsw_wcount_async_max",
+       "Asynchronous page-out credits in force (swap_async_max as clamped)."),
+    _W("swap_async_inuse", "count", "gauge", "nsw_wcount_async",
+       "Asynchronous page-out runs in flight."),
+    _W("swap_sync_inuse", "count", "gauge", "nsw_wcount_sync",
+       "Synchronous page-out runs in flight."),
+    _W("swap_read_inuse", "count", "gauge", "nsw_rcount",
+       "Page-in runs in flight."),
     # -- latency histograms (nbdcache.histogram), one per request kind
     _L("latency_read_hit", "seconds", "histogram", "",
        "Guest reads served entirely from the cache, from callback entry to return."),
@@ -320,6 +365,7 @@ def format_histogram(snap: Mapping[str, Any]) -> str:
 
 def statistics_markdown() -> str:
     """The body of docs/statistics.md, generated from STATISTICS."""
+    from nbdcache.histogram import UPPER_SECONDS
     out = [
         "# Statistics",
         "",
@@ -332,9 +378,11 @@ def statistics_markdown() -> str:
         "`log.stats_interval`; `nbdcache plot` draws it), or from Prometheus when "
         "`server.prometheus_port` is set, as `nbdcache_<name>` (counters get the `_total` "
         "suffix Prometheus requires). A *counter* only grows while the server runs; a "
-        "*gauge* goes up and down; a *histogram* is a latency distribution in log2 buckets "
-        "from 1 µs to about 17 s (`count`, `sum_seconds`, `p50`/`p90`/`p99` estimates, "
-        "`buckets` keyed by upper bound in seconds). Swap statistics appear once a swap "
+        "*gauge* goes up and down; a *histogram* is a latency distribution in "
+        f"{len(UPPER_SECONDS) - 1} log2 buckets with upper bounds from "
+        f"{human_seconds(UPPER_SECONDS[0])} to {human_seconds(UPPER_SECONDS[-2])} and an "
+        "overflow bucket (`count`, `sum_seconds`, `p50`/`p90`/`p99` estimates, `buckets` keyed by "
+        "upper bound in seconds, non-empty ones only). Swap statistics appear once a swap "
         "device is configured.",
         "",
     ]
@@ -392,6 +440,50 @@ def worked_example(ram: int = GiB, bs: int = 64 * KiB) -> list[str]:
         f" of write-back is in flight (`runningbufspace`).",
         "",
     ]
+
+
+#: ``SwapPager.stats()`` names (kernel names) -> the names of this table.
+SWAP_RENAMES: dict[str, str] = {
+    "nswap": "swap_slots_total", "swap_used": "swap_slots_used",
+    "vm_swap_size": "swap_slots_free", "swap_clean": "swap_clean_slots",
+    "swap_dirty": "swap_dirty_slots", "swap_bad": "swap_bad_slots",
+    "swap_unreadable": "swap_unreadable_slots", "swap_pending_free": "swap_pending_free",
+    "swap_pageout_inflight": "swap_pageout_inflight",
+    "nswap_lowat": "swap_lowat", "nswap_hiwat": "swap_hiwat",
+    "swap_pager_almost_full": "swap_almost_full", "swap_pager_full": "swap_full",
+    "almost_full_transitions": "swap_almost_full_transitions",
+    "full_transitions": "swap_full_transitions",
+    "pageout_calls": "swap_pageouts", "swapout": "swap_pageout_runs",
+    "swappgsout": "swap_pageout_blocks", "pageout_failed": "swap_pageout_failed",
+    "pageout_deferred": "swap_pageout_deferred", "pageout_cancelled": "swap_pageout_cancelled",
+    "pagein_calls": "swap_pageins", "swapin": "swap_pagein_runs",
+    "swappgsin": "swap_pagein_blocks", "pagein_stale": "swap_pagein_stale",
+    "write_errors": "swap_write_errors", "read_errors": "swap_read_errors",
+    "lost_dirty": "swap_lost_dirty", "unswapped": "swap_unswapped",
+    "freed_by_trim": "swap_freed_by_trim", "trimmed_dirty": "swap_trimmed_dirty",
+    "reclaimed_clean": "swap_reclaimed_clean", "set_clean": "swap_set_clean",
+    "deferred_frees": "swap_deferred_frees",
+    "pageout_mean_cluster": "swap_pageout_mean_cluster",
+    "pagein_mean_cluster": "swap_pagein_mean_cluster",
+    "dmmax": "swap_dmmax", "nsw_cluster_max": "swap_cluster_max",
+    "swap_async_max": "swap_async_max", "nsw_wcount_async_max": "swap_async_credits",
+    "swap_async_inuse": "swap_async_inuse", "swap_sync_inuse": "swap_sync_inuse",
+    "swap_read_inuse": "swap_read_inuse",
+}
+
+
+def swap_statistics(pager_stats: Mapping[str, Any]) -> dict[str, Any]:
+    """``SwapPager.stats()`` renamed for ``Engine.stats()``: every scalar under its
+    ``swap_`` name in this table (flags as 0/1).  The per-device list is left out;
+    ``swap_hits`` is the cache's to count.  An unknown scalar keeps its name with a
+    ``swap_`` prefix, so the drift test reports it."""
+    out: dict[str, Any] = {}
+    for k, v in pager_stats.items():
+        if isinstance(v, (list, dict, tuple)):
+            continue
+        name = SWAP_RENAMES.get(k) or (k if k.startswith("swap_") else "swap_" + k)
+        out[name] = int(v) if isinstance(v, bool) else v
+    return out
 
 
 def check_table(stats: Mapping[str, Any]) -> list[str]:

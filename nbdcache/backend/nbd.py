@@ -29,8 +29,16 @@ def _chunks(offset: int, count: int, step: int = 1 << 30):
         offset += step
 
 
+# Errors a server may return that mean the same to our client; anything else (libnbd's own
+# EINVAL/ENOTCONN for a dead connection, ...) is an I/O error of the backend: EIO.
+_PASS_THROUGH = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.ENOMEM,
+                 errno.EFBIG, errno.EROFS}
+
+
 def _oserror(e: "nbd.Error", what: str) -> OSError:
-    code = e.errno if e.errno else errno.EIO
+    code = getattr(e, "errnum", None)                # .errno is the name, .errnum the number
+    if code not in _PASS_THROUGH:
+        code = errno.EIO
     return OSError(code, f"{what}: {e.string}")
 
 
@@ -62,6 +70,7 @@ class NbdBackend(Backend):
     def _connect(self) -> "nbd.NBD":
         h = nbd.NBD()
         h.set_handle_name("nbdcache-backend")
+        h.set_uri_allow_local_file(True)         # ?tls-certificates=DIR for nbds:// URIs
         h.connect_uri(self.uri)
         self._handles.append(h)
         self._pool.put(h)

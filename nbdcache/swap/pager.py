@@ -107,6 +107,27 @@ do one blocking device transfer and touch nothing but their run, so any number
 may run at once.  Between ``*_begin`` and ``*_done`` a run belongs to the
 caller.
 
+How the buffer cache drives it
+------------------------------
+RAM *clean* means "equal to the newest copy, in the backend or in swap"; a
+dirty swap entry is dirty data that merely lives in swap.
+
+* Evict clean / spill dirty: if ``lookup`` shows an entry covering the
+  buffer's valid sectors, just drop RAM.  Otherwise, if ``may_spill_clean()``
+  / ``may_spill_dirty()``: ``putpages_begin`` (RAM dirty sectors as
+  ``dirty_mask``), fill the runs, ``pageout_io``, ``putpages_done``; drop the
+  buffers reported ok, keep the rest (and the ``failed`` ones) as they were.
+* Miss: ``getpages_begin(blkno, wanted)``; None means read the backend.  Then
+  ``pagein_io``, ``getpages_done``: merge data into invalid sectors within
+  ``entry.valid``, leaving RAM clean; errors as ``getpages_done`` says.
+* Modify (write): the buffer must hold every dirty swap sector the write does
+  not overwrite (page in first); then ``e = unswapped(blkno, ram_valid)``,
+  and if ``e.dirty`` mark ``e.dirty_mask`` dirty in RAM, then write.
+* TRIM / WRITE_ZEROES: ``freespace(first, count)``.
+* Drain (``buf_daemon_hw``, FLUSH): ``dirty_blocks``; take the data from a
+  clean RAM copy or page it in, write it to the backend, then
+  ``set_clean(blkno, e.gen)``.  Entries still ``unreadable`` fail the FLUSH.
+
 Differences from ``swap_pager.c`` are listed in ``SwapPager``'s docstring.
 """
 
@@ -308,13 +329,12 @@ class SwapPager:
         self.blist = Blist(stripes * dmmax * self.ndev)
         self.nslots = sum(d.nslots for d in self.devices)   # usable slots
         self._holes: list[tuple[int, int]] = []
-        for k in range(stripes):
-            for i, d in enumerate(self.devices):
-                have = min(max(d.nslots - k * dmmax, 0), dmmax)
-                if have < dmmax:
-                    start = (k * self.ndev + i) * dmmax + have
-                    self.blist.fill(start, dmmax - have)
-                    self._holes.append((start, dmmax - have))
+        for i, d in enumerate(self.devices):      # only the stripes past a device's end
+            for k in range(d.nslots // dmmax, stripes):
+                have = max(d.nslots - k * dmmax, 0)
+                start = (k * self.ndev + i) * dmmax + have
+                self.blist.fill(start, dmmax - have)
+                self._holes.append((start, dmmax - have))
         self.nholes = sum(n for _, n in self._holes)
         self._dev_used = [0] * self.ndev
 
@@ -341,7 +361,12 @@ class SwapPager:
         self.st = dict.fromkeys(_COUNTERS, 0)
         self._almost_full = False
         self._full = False
+        self._write_failing = False             # latches: one event per failure episode
+        self._read_failing = False
         lo, hi = swap_watermarks(self.nslots, nsw_cluster_max)
+        for name, v in (("nswap_lowat", nswap_lowat), ("nswap_hiwat", nswap_hiwat)):
+            if v is not None:
+                _check_int(name, v, 0, 1 << 62)
         if nswap_lowat is None and nswap_hiwat is not None:
             lo = nswap_hiwat // 4                       # keep the 1:4 ratio
         elif nswap_lowat is not None and nswap_hiwat is None:
@@ -498,6 +523,17 @@ class SwapPager:
             self._event("warning", "swap.full", free=free)
         else:
             self._event("info", "swap.full_cleared", free=free, lowat=self.nswap_lowat)
+
+    def _io_outcome(self, op: str, dev: int, slot: int, err: OSError | None) -> None:
+        """Log ``swap.<op>_error`` when I/O starts failing and ``swap.<op>_recovered``
+        at the next success: events on state changes, not per failed run."""
+        attr = f"_{op}_failing"
+        failing = getattr(self, attr)
+        if err is not None and not failing:
+            self._event("warning", f"swap.{op}_error", device=dev, slot=slot, error=str(err))
+        elif err is None and failing:
+            self._event("info", f"swap.{op}_recovered", device=dev)
+        setattr(self, attr, err is not None)
 
     def _event(self, level: str, event: str, **kw: Any) -> None:
         if self.log is not None:
@@ -668,10 +704,9 @@ class SwapPager:
             if self._out.get(b) is run:
                 del self._out[b]
         out: list[tuple[int, bool]] = []
+        self._io_outcome("write", run.dev, run.local_slot, run.error)
         if run.error is not None:
             self.st["write_errors"] += 1
-            self._event("warning", "swap.write_error", device=run.dev, slot=run.local_slot,
-                        blocks=len(run.blknos), error=str(run.error))
             for k, b in enumerate(run.blknos):
                 self._quarantine(run.slot + k)
                 out.append((b, False))
@@ -787,10 +822,9 @@ class SwapPager:
                 del self._reading[s]
         err = run.error
         st = self.st
+        self._io_outcome("read", run.dev, run.local_slot, err)
         if err is not None:
             st["read_errors"] += 1
-            self._event("warning", "swap.read_error", device=run.dev, slot=run.local_slot,
-                        blocks=len(run.blknos), error=str(err))
         out: list[tuple[SwapEntry, memoryview | None, OSError | None]] = []
         for k, (b, old) in enumerate(zip(run.blknos, run.entries)):
             rec = self._recs.get(b)
