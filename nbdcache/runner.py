@@ -210,5 +210,13 @@ def demo() -> int:
         log.unlink()                         # one run per log: the plot shows this run
     t0 = time.monotonic()
     rc = run_vm(cfg, "fs", workdir=VAR / "vm")
+    png = VAR / "demo-run.png"
+    try:
+        from nbdcache.plot import plot
+        plot(log, png)
+        say(f"plot of the run (bufspace, dirty and running space against their marks, "
+            f"throughput, hit ratio): {png}")
+    except Exception as e:  # noqa: BLE001 - the plot is a bonus; the verdict stands
+        say(f"no plot: {e}")
     say(f"done in {time.monotonic() - t0:.1f} s; server log {log}")
     return rc
