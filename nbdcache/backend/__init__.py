@@ -14,6 +14,8 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+_ZEROES = bytes(1024 * 1024)
+
 
 class Backend(abc.ABC):
     size: int
@@ -36,6 +38,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def zero(self, offset: int, count: int) -> None: ...
+
+    def write_zeroes(self, offset: int, count: int) -> None:
+        """Zero a range by writing zeroes: the fallback where no cheaper way exists."""
+        end = offset + count
+        zeroes = memoryview(_ZEROES)
+        while offset < end:
+            n = min(len(_ZEROES), end - offset)
+            self.pwrite(zeroes[:n], offset)
+            offset += n
 
     def close(self) -> None:
         """Release the device; may block until in-flight I/O ends."""

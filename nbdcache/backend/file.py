@@ -24,7 +24,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 BLKGETSIZE64 = 0x80081272
-_ZEROES = bytes(1024 * 1024)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -117,11 +116,7 @@ class FileBackend(Backend):
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
                 raise
             self._punch = False
-        end = offset + count
-        while offset < end:
-            n = min(len(_ZEROES), end - offset)
-            self.pwrite(memoryview(_ZEROES)[:n], offset)
-            offset += n
+        self.write_zeroes(offset, count)
 
     def close(self) -> None:
         if self.fd >= 0:

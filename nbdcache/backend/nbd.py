@@ -18,7 +18,6 @@ import nbd
 
 from nbdcache.backend import Backend
 
-_ZEROES = bytes(1024 * 1024)
 
 
 def _chunks(offset: int, count: int, step: int = 1 << 30):
@@ -121,11 +120,7 @@ class NbdBackend(Backend):
             for o, c in _chunks(offset, count):
                 self._run("zero", lambda h, c, o: h.zero(c, o), c, o)
             return
-        end = offset + count
-        while offset < end:
-            n = min(len(_ZEROES), end - offset)
-            self.pwrite(memoryview(_ZEROES)[:n], offset)
-            offset += n
+        self.write_zeroes(offset, count)
 
     def close(self) -> None:
         for h in self._handles:
