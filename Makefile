@@ -34,6 +34,9 @@ test: setup
 test-fast: setup
 	@$(PY) -m pytest -q -m "not slow"
 
+reliability: setup
+	@$(PY) -m pytest tests/reliability --long -q
+
 bench: setup
 	@$(PY) bench/run.py
 

@@ -779,25 +779,37 @@ class BufCache:
 
     def _sync_writeback(self, targets: Iterable[tuple[Buf, int]]) -> None:
         """Write back the given (buffer, block) pairs that are still dirty, in clusters,
-        in parallel through ``submit``; wait for all.  Lock held; released while waiting."""
+        in parallel through ``submit``; wait for all.  Lock held; released while waiting.
+
+        Jobs are submitted before this thread waits for any buffer another writer
+        holds: two flushes that each waited while holding unsubmitted jobs would
+        wait for each other forever.
+        """
         jobs: list[WriteJob] = []
-        mine: set[int] = set()          # buffers in our own, not yet submitted, jobs
+        futures: list[Future] = []
+        pending: list[WriteJob] = []
+        mine: set[int] = set()          # buffers in our own jobs
         for b, blk in targets:
             if b.index in mine:
                 continue
-            while (b.busy or b.writing) and b.blkno == blk:
-                self._wait()
+            if (b.busy or b.writing) and b.blkno == blk:
+                if pending:
+                    futures += self._submit_unlocked(pending)
+                    pending = []
+                while (b.busy or b.writing) and b.blkno == blk:
+                    self._wait()
             if b.blkno != blk or not b.flags & B_DELWRI or b.index in mine:
                 continue
             self.bremfree(b)
             job = self._cluster(b)
             jobs.append(job)
+            pending.append(job)
             mine.update(x.index for x in job.bufs)
         if not jobs:
             return
         self.lock.release()
         try:
-            futures = [self.submit(self._do_write, j) for j in jobs]
+            futures += [self.submit(self._do_write, j) for j in pending]
             for f in futures:
                 f.result()
         finally:
@@ -806,6 +818,13 @@ class BufCache:
             if j.error is not None:
                 raise OSError(j.error.errno or errno.EIO,
                               f"write-back failed: {j.error.strerror or j.error}")
+
+    def _submit_unlocked(self, jobs: list[WriteJob]) -> list[Future]:
+        self.lock.release()
+        try:
+            return [self.submit(self._do_write, j) for j in jobs]
+        finally:
+            self.lock.acquire()
 
     # ================================================================== discard
 
