@@ -104,6 +104,38 @@ def parse_bool(value: Any) -> bool:
     raise ValueError("true or false")
 
 
+def parse_devices(value: Any) -> list[dict[str, Any]]:
+    """Swap devices: a list of ``{path, size, create}`` mappings, or ``PATH:SIZE[,PATH:SIZE]``."""
+    if isinstance(value, str):
+        items: list[Any] = []
+        for part in value.split(","):
+            path, sep, size = part.strip().rpartition(":")
+            items.append({"path": path, "size": size} if sep else {"path": size})
+        value = items
+    if not isinstance(value, list) or not value:
+        raise ValueError("a non-empty list of devices, each {path: FILE, size: SIZE}")
+    out = []
+    for i, d in enumerate(value):
+        if isinstance(d, str):
+            d = {"path": d}
+        if not isinstance(d, Mapping):
+            raise ValueError(f"device {i}: a mapping {{path: FILE, size: SIZE}}")
+        unknown = set(d) - {"path", "size", "create"}
+        if unknown:
+            raise ValueError(f"device {i}: only path, size and create "
+                             f"(not {', '.join(sorted(map(str, unknown)))})")
+        path = d.get("path")
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ValueError(f"device {i}: a path to a file or block device")
+        size = d.get("size")
+        out.append({"path": path,
+                    "size": None if size in (None, "") else parse_size(size),
+                    "create": parse_bool(d.get("create", True))})
+    if len({d["path"] for d in out}) != len(out):
+        raise ValueError("distinct paths (a device is listed twice)")
+    return out
+
+
 def parse_str(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -141,6 +173,7 @@ class Tunable:
         return {
             "size": parse_size, "int": parse_int, "duration": parse_duration,
             "bool": parse_bool, "str": parse_str, "path": parse_str,
+            "devices": parse_devices,
         }[self.kind]
 
 
@@ -159,6 +192,9 @@ TUNABLES: tuple[Tunable, ...] = (
        "nbd+unix:// or nbds:// (TLS; certificates via ?tls-certificates=DIR)."),
     _T("backend.connections", "int", 4, "Connections opened to an NBD backend (a flush is sent on "
        "each unless the server advertises multi-conn).", minimum=1, maximum=64),
+    _T("backend.retry_timeout", "duration", 60.0, "How long a failed request to an NBD backend "
+       "is retried (reconnecting) before the error is returned; write-back keeps the data "
+       "dirty and retries anyway.", unit="seconds", mutability=LIVE, minimum=0, maximum=3600),
     _T("backend.io_threads", "int", 4, "Threads that carry out background backend I/O "
        "(write-back clusters, read-ahead).", minimum=1, maximum=64),
     # -- the buffer cache
@@ -196,6 +232,29 @@ TUNABLES: tuple[Tunable, ...] = (
        minimum=0.01, maximum=60),
     _T("cache.flush_on_shutdown", "bool", True, "Write back every dirty block before the "
        "server exits on SIGTERM/SIGINT."),
+    # -- the swap pager
+    _T("swap.devices", "devices", None, "Swap devices that blocks evicted from RAM spill to: "
+       "a list of {path, size, create} (create defaults to true; a missing file is created "
+       "sparse). Unset: no swap. Contents never survive a restart.", ancestor="swapdev"),
+    _T("swap.spill", "enum", "both", "What evicted blocks go to swap: clean (a copy cheaper "
+       "than the backend: the swapcache), dirty (instead of waiting for the backend), both, "
+       "or off.", ancestor="vm.swapcache", mutability=LIVE,
+       choices=("both", "clean", "dirty", "off")),
+    _T("swap.dmmax", "int", 32, "Stripe of swap slots: consecutive stripes go to consecutive "
+       "devices and no I/O crosses one.", ancestor="dmmax", unit="slots", minimum=1,
+       maximum=1 << 20),
+    _T("swap.cluster_max", "int", 16, "Most blocks one page-out writes in one I/O.",
+       ancestor="nsw_cluster_max", unit="blocks", minimum=1, maximum=32),
+    _T("swap.swap_async_max", "int", 4, "Page-out I/Os the flush daemons may have in flight "
+       "(a smaller value is applied once the extra credits are back).",
+       ancestor="vm.swap_async_max", unit="I/Os", mutability=LIVE, minimum=1, maximum=64),
+    _T("swap.nswap_lowat", "int", None, "Free slots below which swap is almost full: dirty "
+       "spill stops and clean copies are reclaimed first.", ancestor="nswap_lowat",
+       unit="slots", mutability=LIVE, minimum=0,
+       derivation="1% of the slots, at least 2*cluster_max"),
+    _T("swap.nswap_hiwat", "int", None, "Free slots above which almost-full clears.",
+       ancestor="nswap_hiwat", unit="slots", mutability=LIVE, minimum=1,
+       derivation="4*nswap_lowat, at most half the slots"),
     # -- the nbdkit server
     _T("server.thread_model", "enum", "parallel", "nbdkit thread model for this plugin.",
        choices=("parallel", "serialize_requests", "serialize_all_requests",
@@ -343,6 +402,9 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
         if values[key]:
             p = Path(os.path.expanduser(values[key]))
             values[key] = str(p if p.is_absolute() else (base / p))
+    for dev in values["swap.devices"] or ():
+        p = Path(os.path.expanduser(dev["path"]))
+        dev["path"] = str(p if p.is_absolute() else (base / p))
     cfg = Config(values, source)
     _cross_check(cfg)
     return cfg
@@ -375,6 +437,10 @@ def _cross_check(cfg: Config) -> None:
                           "backend.type=memory")
     if v["backend.size"] is not None and v["backend.size"] % 512:
         raise ConfigError(f"backend.size: got {v['backend.size']}, expected a multiple of 512")
+    lo, hi = v["swap.nswap_lowat"], v["swap.nswap_hiwat"]
+    if lo is not None and hi is not None and lo >= hi:
+        raise ConfigError(f"swap.nswap_lowat: got {lo}, expected less than swap.nswap_hiwat "
+                          f"({hi})")
     if v["server.socket"] and v["server.port"]:
         raise ConfigError("server.socket and server.port: both given, expected one of them")
     # Derived watermarks may be overridden; check that the pairs still make sense.
