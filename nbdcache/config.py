@@ -15,8 +15,23 @@ startup, and a one-line meaning.  From that table come:
   the committed file so that the docs cannot drift.
 
 Every error is a :class:`ConfigError` whose message names the key, the value
-and what was expected.  Lo/high pairs are validated together, here at startup
-and again by the engine on a live change (:func:`check_pairs`).
+and what was expected.  Values are shown by a bounded ``repr`` (:func:`show`,
+at most 80 characters), so a huge value cannot flood the message.  Lo/high
+pairs are validated together, here at startup and again by the engine on a live
+change (:func:`check_pairs`).
+
+An empty value (``key:`` with nothing after it, YAML's null) means "use the
+default": a key with a default keeps it and a derived key stays derived.  An
+empty section (``cache:`` alone) is a section without settings.
+
+The YAML file is untrusted input of bounded size: it is composed into nodes
+first and refused, naming the file and the key under which it happens, when
+its node graph, aliases expanded, holds more than ``MAX_NODES`` nodes or nests
+deeper than ``MAX_DEPTH`` (an alias bomb is a few hundred bytes that expand
+into gigabytes); only then are Python values constructed.  Sizes are refused
+when no disk or memory could hold them: any size of 2^63 bytes or more (the
+largest file offset is 2^63-1), and a ``cache.ram`` or memory backend larger
+than the machine's memory (:func:`machine_memory`).
 
 Nothing here touches the cache: derived sizes are computed by
 ``nbdcache.core.bufinit.bufinit`` from the validated values.
@@ -29,6 +44,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -42,6 +58,39 @@ SECTOR = 4 * KiB
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+#: Sizes must be below this: the largest file offset is 2^63-1 (off_t is signed 64-bit).
+MAX_SIZE = 1 << 63
+_TOO_BIG = "a size below 8E (2^63 bytes; the largest file offset is 2^63-1)"
+#: Bounds on a YAML file's node graph, aliases expanded (a real configuration has
+#: about a hundred nodes, four levels deep).
+MAX_NODES = 10000
+MAX_DEPTH = 32
+
+_SHOW_WIDTH = 80
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = _repr.maxother = _repr.maxlong = _SHOW_WIDTH
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` for a message, at most 80 characters ("..." marks a cut).
+
+    The work is bounded too (reprlib stops at 3 levels and 8 items a level), so a
+    deeply shared structure is never expanded to be printed.  Does not block.
+    """
+    try:
+        text = _repr.repr(value)
+    except ValueError:               # an int past sys.get_int_max_str_digits()
+        text = f"<{type(value).__name__} of {value.bit_length()} bits>"
+    return text if len(text) <= _SHOW_WIDTH else text[:_SHOW_WIDTH - 3] + "..."
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine (sysconf), the bound on RAM budgets."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -60,6 +109,8 @@ def parse_size(value: Any) -> int:
         return value
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
+        if m and len(m.group(1).lstrip("0")) > 19:     # >= 10^19 > 2^63, and int() of
+            raise ValueError(_TOO_BIG)                 # 4300+ digits would raise
         if m:
             return int(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
     raise ValueError("a size such as 64K, 16M or 1G")
@@ -89,7 +140,7 @@ def parse_int(value: Any) -> int:
         raise ValueError("a whole number")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,30}\s*", value):
         return int(value)
     raise ValueError("a whole number")
 
@@ -142,6 +193,14 @@ def parse_str(value: Any) -> str:
     raise ValueError("a string")
 
 
+def parse_path(value: Any) -> str:
+    """A file name: a string without NUL bytes (the OS cannot take one)."""
+    path = parse_str(value)
+    if "\0" in path:
+        raise ValueError("a path without NUL bytes")
+    return path
+
+
 # --------------------------------------------------------------------------- the table
 
 STARTUP = "startup"
@@ -172,7 +231,7 @@ class Tunable:
             return parse_enum
         return {
             "size": parse_size, "int": parse_int, "duration": parse_duration,
-            "bool": parse_bool, "str": parse_str, "path": parse_str,
+            "bool": parse_bool, "str": parse_str, "path": parse_path,
             "devices": parse_devices,
         }[self.kind]
 
@@ -308,13 +367,15 @@ class Config:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to values from the nested mappings of a YAML file (already bounded in
+    size by :func:`_check_nodes`)."""
     if not isinstance(tree, Mapping):
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"{where}: expected a mapping of keys to values, got {tree!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {show(tree)}")
     out: dict[str, Any] = {}
     for k, v in tree.items():
         if not isinstance(k, str):
-            raise ConfigError(f"{prefix}{k!r}: keys must be strings")
+            raise ConfigError(f"{prefix}{show(k)}: keys must be strings")
         key = prefix + k
         if isinstance(v, Mapping):
             if key in BY_KEY:
@@ -333,43 +394,103 @@ def _unknown(key: str) -> ConfigError:
 
 
 def parse_value(key: str, raw: Any) -> Any:
-    """Parse and range-check one value for ``key``; raise ConfigError naming both."""
+    """Parse and range-check one value for ``key``; raise ConfigError naming both.
+
+    An empty value (None) returns None, which :func:`load` reads as "keep the
+    default"; so does an empty section.  Does not block.
+    """
     t = BY_KEY.get(key)
     if t is None:
         section = [k for k in BY_KEY if k.startswith(key + ".")]
+        if section and raw is None:
+            return None
         if section:
-            raise ConfigError(f"{key}: got {raw!r}, expected a mapping of settings such as "
-                              f"{', '.join(section[:3])}")
+            raise ConfigError(f"{key}: got {show(raw)}, expected a mapping of settings such "
+                              f"as {', '.join(section[:3])}")
         raise _unknown(key)
     if raw is None:
         return None
     try:
         value = t.parser(raw)
     except ValueError as e:
-        raise ConfigError(f"{key}: got {raw!r}, expected {e}") from None
+        raise ConfigError(f"{key}: got {show(raw)}, expected {e}") from None
+    if t.kind == "size" and value >= MAX_SIZE:
+        raise ConfigError(f"{key}: got {show(raw)}, expected {_TOO_BIG}")
     if t.minimum is not None and value < t.minimum:
-        raise ConfigError(f"{key}: got {raw!r}, expected at least {t.minimum:g}")
+        raise ConfigError(f"{key}: got {show(raw)}, expected at least {t.minimum:g}")
     if t.maximum is not None and value > t.maximum:
-        raise ConfigError(f"{key}: got {raw!r}, expected at most {t.maximum:g}")
+        raise ConfigError(f"{key}: got {show(raw)}, expected at most {t.maximum:g}")
     return value
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The flattened settings of the YAML file ``path``; raises ConfigError naming it.
+
+    The document is composed into nodes, bounded by :func:`_check_nodes`, and
+    only then constructed (with the safe constructor: tags that build Python
+    objects are errors).  Blocks reading the file.
+    """
+    name = repr(str(path))
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"config file {name} does not exist") from None
     except OSError as e:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+        raise ConfigError(f"config file {name} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {name} is not UTF-8 text: byte "
+                          f"0x{e.object[e.start]:02x} at offset {e.start}") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = _load_bounded(text, name)
+    except ConfigError:
+        raise
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {name} is not valid YAML: {e}") from None
+    except ValueError as e:          # a scalar YAML cannot construct: a 5000-digit int, ...
+        raise ConfigError(f"config file {name} is not valid YAML: {show(str(e))}") from None
     except RecursionError:
-        raise ConfigError(f"config file {str(path)!r} is nested too deeply") from None
-    if tree is None:
-        return {}
-    return _flatten(tree)
+        raise ConfigError(f"config file {name} is nested too deeply") from None
+    return {} if tree is None else _flatten(tree)
+
+
+def _load_bounded(text: str, name: str) -> Any:
+    """yaml.safe_load with :func:`_check_nodes` between composing and constructing."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, name)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, name: str) -> None:
+    """Refuse a node graph that, aliases expanded, holds more than MAX_NODES nodes or is
+    deeper than MAX_DEPTH; the message names the file and the dotted key where the bound
+    was crossed.  Visits at most MAX_NODES + 1 nodes, so a bomb fails fast."""
+    count = 0
+    stack: list[tuple[yaml.Node, int, str]] = [(root, 0, "")]
+    while stack:
+        node, depth, where = stack.pop()
+        count += 1
+        at = where[:_SHOW_WIDTH] or "the top level"
+        if count > MAX_NODES:
+            raise ConfigError(f"config file {name}: {at}: more than {MAX_NODES} YAML nodes "
+                              "once aliases are expanded, expected a small configuration "
+                              "(an alias bomb?)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"config file {name} is nested too deeply ({at}: more than "
+                              f"{MAX_DEPTH} levels)")
+        if isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                sub = f"{where}.{key}" if where else str(key)
+                stack.append((v, depth + 1, sub))
+                stack.append((k, depth + 1, sub))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, depth + 1, where) for v in reversed(node.value))
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -397,7 +518,9 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
         raw[k] = v
     values: dict[str, Any] = {t.key: t.default for t in TUNABLES}
     for key, v in raw.items():
-        values[key] = parse_value(key, v)
+        value = parse_value(key, v)
+        if value is not None:            # None: an empty value, the default stays
+            values[key] = value
     for key in PATH_KEYS:
         if values[key]:
             p = Path(os.path.expanduser(values[key]))
@@ -418,6 +541,11 @@ def _cross_check(cfg: Config) -> None:
     if v["cache.ram"] < 16 * bs:
         raise ConfigError(f"cache.ram: got {v['cache.ram']}, expected at least 16 blocks "
                           f"({16 * bs} bytes with cache.block_size={bs})")
+    memory = machine_memory()
+    if v["cache.ram"] > memory:
+        raise ConfigError(f"cache.ram: got {v['cache.ram']} ({_human(v['cache.ram'])}), "
+                          f"expected at most the machine's memory ({memory} bytes, "
+                          f"{_human(memory)})")
     if v["cache.max_io"] < bs or v["cache.max_io"] % bs or v["cache.max_io"] > 32 * MiB:
         raise ConfigError(f"cache.max_io: got {v['cache.max_io']}, expected a multiple of "
                           f"cache.block_size ({bs}) no larger than 32M")
@@ -430,11 +558,15 @@ def _cross_check(cfg: Config) -> None:
         if not uri:
             raise ConfigError("backend.uri: missing, expected an NBD URI for backend.type=nbd")
         if not re.match(r"^nbds?(\+unix|\+tcp)?://", uri):
-            raise ConfigError(f"backend.uri: got {uri!r}, expected nbd://, nbd+unix:// or "
-                              "nbds:// URI")
+            raise ConfigError(f"backend.uri: got {show(uri)}, expected nbd://, nbd+unix:// "
+                              "or nbds:// URI")
     if btype == "memory" and not v["backend.size"]:
         raise ConfigError("backend.size: missing, expected the disk size for "
                           "backend.type=memory")
+    if btype == "memory" and v["backend.size"] > memory:
+        raise ConfigError(f"backend.size: got {v['backend.size']} "
+                          f"({_human(v['backend.size'])}), expected at most the machine's "
+                          f"memory ({memory} bytes, {_human(memory)}) for backend.type=memory")
     if v["backend.size"] is not None and v["backend.size"] % 512:
         raise ConfigError(f"backend.size: got {v['backend.size']}, expected a multiple of 512")
     lo, hi = v["swap.nswap_lowat"], v["swap.nswap_hiwat"]
@@ -446,6 +578,15 @@ def _cross_check(cfg: Config) -> None:
     # Derived watermarks may be overridden; check that the pairs still make sense.
     from nbdcache.core.bufinit import bufinit
     check_pairs(bufinit(cfg))
+
+
+def _human(n: int) -> str:
+    """``n`` bytes in the largest binary unit, one decimal: 4.0T, 23.5G."""
+    for unit, mult in (("E", 1 << 60), ("P", 1 << 50), ("T", 1 << 40), ("G", GiB),
+                       ("M", MiB), ("K", KiB)):
+        if n >= mult:
+            return f"{n / mult:.1f}{unit}"
+    return f"{n}B"
 
 
 def check_pairs(params: Mapping[str, int]) -> None:

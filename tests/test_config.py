@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,7 @@ REJECTIONS = [
     ("!!python/object:os.system {}", "not valid YAML"),
     ("- 1\n- 2", "expected a mapping"),
     ("backend:\n  path: 5\n", "backend.path: got 5, expected a string"),
+    ("cache: {ram: 1M}\n\0\n", "not valid YAML: unacceptable character #x0000"),
 ]
 
 
@@ -173,3 +175,113 @@ def test_check_config_cli(tmp_path):
 def test_quickstart_example_is_valid():
     cfg = load(ROOT / "examples" / "quickstart.yaml")
     assert cfg["backend.type"] == "file"
+
+
+# -- empty values, hostile files, impossible sizes ------------------------------------------
+
+MEM = "backend: {type: memory, size: 16M}\n"
+
+
+def test_empty_value_keeps_the_default(tmp_path):
+    """``key:`` with nothing after it is YAML's null: the default stays, a derived key stays
+    derived, an empty section is a section without settings."""
+    f = tmp_path / "c.yaml"
+    f.write_text(MEM + "cache:\n  ram:\n  block_size:\n  hibufspace:\n  daemon_interval:\n"
+                 "log:\n  stats_interval:\nserver:\n")
+    cfg = load(f)
+    assert cfg["cache.ram"] == config.BY_KEY["cache.ram"].default
+    assert cfg["cache.block_size"] == 64 * KiB
+    assert cfg["cache.daemon_interval"] == 1.0 and cfg["log.stats_interval"] == 10.0
+    assert cfg["cache.hibufspace"] is None                                # still derived
+    assert bufinit(cfg)["hibufspace"] == 256 * MiB - 10 * 64 * KiB
+    f.write_text(MEM + "cache:\n  rma:\n")
+    with pytest.raises(ConfigError, match="did you mean cache.ram"):    # still checked
+        load(f)
+
+
+def test_file_that_is_not_utf8_names_the_file(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes(b"\xff\xfe\x00cache: {ram: 1}\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text: byte 0xff"):
+        load(f)
+
+
+@pytest.mark.parametrize("key", sorted(config.PATH_KEYS))
+def test_nul_byte_in_a_path_names_the_key(tmp_path, key):
+    with pytest.raises(ConfigError) as e:
+        load(None, {"backend.type": "memory", "backend.size": "16M", key: "/tmp/a\0b"})
+    assert str(e.value) == f"{key}: got '/tmp/a\\x00b', expected a path without NUL bytes"
+
+
+def alias_bomb(levels: int) -> str:
+    lines = [MEM.strip(), "cache:", "  ram:", "    - &l0 [lol, lol, lol, lol, lol, lol, lol, "
+             "lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"    - &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_fast_without_expanding(tmp_path):
+    f = tmp_path / "bomb.yaml"
+    f.write_text(alias_bomb(9))                         # 9^9 strings once expanded
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        load(f)
+    assert time.monotonic() - t0 < 1.0
+    assert str(e.value).startswith(f"config file {str(f)!r}: cache.ram: more than 10000 "
+                                   "YAML nodes")
+
+
+def test_too_many_nodes_or_levels_are_refused(tmp_path):
+    f = tmp_path / "big.yaml"
+    f.write_text(MEM + "cache: {ram: [" + ", ".join(["1"] * 20000) + "]}\n")
+    with pytest.raises(ConfigError, match="cache.ram: more than 10000 YAML nodes"):
+        load(f)
+    f.write_text(MEM + "cache: {ram: " + "[" * 40 + "]" * 40 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load(f)
+
+
+def test_messages_show_values_cut_to_80_characters(tmp_path):
+    f = tmp_path / "long.yaml"
+    f.write_text(MEM + "cache: {ram: '" + "x" * 5000 + "'}\n")
+    with pytest.raises(ConfigError) as e:
+        load(f)
+    msg = str(e.value)
+    got = msg.split("got ", 1)[1].split(", expected")[0]
+    assert len(got) <= 80 and "..." in got, msg
+    assert len(config.show(list(range(10**6)))) <= 80
+    assert config.show(10 ** 5000).startswith("<int of")      # past int's str() digit limit
+
+
+@pytest.mark.parametrize("text,message", [
+    (MEM + "cache: {ram: 99999999999999999999999T}",
+     "cache.ram: got '99999999999999999999999T', expected a size below 8E"),
+    (MEM + "cache: {ram: '" + "9" * 5000 + "'}", "cache.ram: got '99"),
+    (MEM + "cache: {hirunningspace: 9223372036854775808}",
+     "cache.hirunningspace: got 9223372036854775808, expected a size below 8E"),
+    ("backend: {path: d.img, size: 9223372036854775808}", "backend.size: got 92233"),
+    (MEM + "cache: {ram: " + "9" * 5000 + "}", "is not valid YAML"),
+])
+def test_sizes_beyond_a_file_offset_name_the_key(tmp_path, text, message):
+    f = tmp_path / "huge.yaml"
+    f.write_text(text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load(f)
+    assert message in str(e.value)
+    assert len(str(e.value)) < 400
+
+
+def test_ram_beyond_the_machine_memory_names_the_key(monkeypatch):
+    monkeypatch.setattr(config, "machine_memory", lambda: 4 * GiB)
+    with pytest.raises(ConfigError) as e:
+        load(None, {"backend.type": "memory", "backend.size": "16M", "cache.ram": "8G"})
+    assert str(e.value) == ("cache.ram: got 8589934592 (8.0G), expected at most the machine's "
+                            "memory (4294967296 bytes, 4.0G)")
+    with pytest.raises(ConfigError, match=r"^backend.size: got 6442450944 \(6.0G\), expected "
+                       "at most the machine's memory .* for backend.type=memory"):
+        load(None, {"backend.type": "memory", "backend.size": "6G", "cache.ram": "64M"})
+    # a file or NBD disk may be larger than memory: it is not held in RAM
+    assert load(None, {"backend.path": "d.img", "backend.size": "6G"})["backend.size"] == \
+        6 * GiB
+    assert config.machine_memory() > 0

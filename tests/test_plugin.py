@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -136,3 +138,93 @@ def test_serve_cli_with_quickstart_shape(tmp_path):
         rc = p.wait(30)
     assert rc == 0
     assert (tmp_path / "var" / "q.img").read_bytes()[:4096] == b"q" * 4096
+
+
+def run_nbdkit(cfg: Path, sock: Path, address_space: int | None = None
+               ) -> subprocess.CompletedProcess:
+    """nbdkit on config ``cfg`` (optionally with RLIMIT_AS), serving `true` if it starts."""
+    import resource
+    from nbdcache.cli import PLUGIN, plugin_env
+
+    def limit() -> None:
+        if address_space:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    return subprocess.run(["nbdkit", "-f", "-U", str(sock), "python", str(PLUGIN),
+                           f"config={cfg}", "--run", "true"], env=plugin_env(),
+                          capture_output=True, text=True, timeout=30, preexec_fn=limit)
+
+
+GiB = 1024 * MiB
+
+
+@pytest.mark.parametrize("text,address_space,message", [
+    # the arena (one mmap of cache.ram) fails: ENOMEM under a 1 GiB address space
+    ("backend: {type: memory, size: 16M}\ncache: {ram: 2G}\n", GiB,
+     "cache.ram: got 2147483648 (2G), expected a size this process can allocate "
+     "(Cannot allocate memory)"),
+    # the memory backend's bytearray fails: MemoryError
+    ("backend: {type: memory, size: 2G}\ncache: {ram: 16M}\n", GiB,
+     "backend.size: got 2147483648, expected at most the memory this process can allocate "
+     "for backend.type=memory"),
+    # ftruncate fails with EFBIG: larger than any file ext4, xfs or tmpfs holds
+    ("backend: {path: '{tmp}/huge.img', size: 100000T}\n", None,
+     "backend.size: got 109951162777600000, expected at most the largest file the "
+     "filesystem of '{tmp}/huge.img' can hold (File too large)"),
+], ids=["arena-enomem", "memory-backend-enomem", "file-too-large"])
+def test_startup_errors_name_the_key(tmp_path, text, address_space, message):
+    from nbdcache.config import machine_memory
+    if address_space and machine_memory() < 4 * GiB:
+        pytest.skip("cache.ram 2G is refused by the config check on a machine under 4G")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text.replace("{tmp}", str(tmp_path)))
+    sock = tmp_path / "c.sock"
+    r = run_nbdkit(cfg, sock, address_space)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("nbdcache: error:")]
+    assert r.returncode != 0 and not sock.exists()
+    assert errors == ["nbdcache: error: " + message.replace("{tmp}", str(tmp_path))], r.stderr
+    assert not (tmp_path / "huge.img").exists(), "a half-made image was left behind"
+
+
+def test_write_zeroes_reads_back_zeroes_from_the_image(serve, tmp_path):
+    s = serve(file_config(tmp_path, size="16M", ram="4M"))
+    h = s.connect()
+    h.pwrite(b"A" * (2 * MiB), 0)
+    h.flush()
+    h.zero(MiB, 0)                          # whole blocks: FileBackend.zero
+    h.zero(1000, MiB + 24)                  # partial blocks: zeroes through the cache
+    h.flush()
+    want = bytes(MiB) + b"A" * 24 + bytes(1000) + b"A" * (MiB - 1024)
+    assert h.pread(2 * MiB, 0) == want
+    h.shutdown()
+    assert (tmp_path / "disk.img").read_bytes()[:2 * MiB] == want
+
+
+def test_file_backend_zero_uses_zero_range_else_writes_zeroes(tmp_path, monkeypatch):
+    """ZERO_RANGE reads back zeroes; PUNCH_HOLE need not (an NBD TRIM on nbdfuse).  Where
+    ZERO_RANGE is unsupported (FUSE) zeroes are written, and it is not tried again."""
+    from nbdcache.backend import file as filemod
+    b = filemod.FileBackend(str(tmp_path / "z.img"), size=4 * MiB)
+    modes: list[int] = []
+    real = filemod.fallocate
+
+    def spy(fd: int, mode: int, offset: int, length: int) -> None:
+        modes.append(mode)
+        real(fd, mode, offset, length)
+    monkeypatch.setattr(filemod, "fallocate", spy)
+    b.pwrite(b"A" * (4 * MiB), 0)
+    b.zero(0, MiB)
+    assert modes == [filemod.FALLOC_FL_ZERO_RANGE | filemod.FALLOC_FL_KEEP_SIZE]
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
+        modes.append(mode)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(filemod, "fallocate", unsupported)
+    modes.clear()
+    b.zero(MiB, MiB)
+    b.zero(3 * MiB, 4096)
+    assert len(modes) == 1                              # remembered after the first
+    buf = bytearray(4 * MiB)
+    b.pread(memoryview(buf), 0)
+    assert buf == bytes(2 * MiB) + b"A" * MiB + bytes(4096) + b"A" * (MiB - 4096)
+    assert os.path.getsize(tmp_path / "z.img") == 4 * MiB
+    b.close()

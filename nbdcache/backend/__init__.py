@@ -61,6 +61,7 @@ def open_backend(cfg: Any) -> Backend:
                            create=cfg["backend.create"])
     if kind == "nbd":
         from nbdcache.backend.nbd import NbdBackend
-        return NbdBackend(cfg["backend.uri"], connections=cfg["backend.connections"])
+        return NbdBackend(cfg["backend.uri"], connections=cfg["backend.connections"],
+                          retry_timeout=cfg["backend.retry_timeout"])
     from nbdcache.backend.memory import MemoryBackend
     return MemoryBackend(cfg["backend.size"])

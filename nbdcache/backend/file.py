@@ -1,10 +1,17 @@
 """A raw image file or block device.
 
 Positional I/O (``preadv``/``pwritev`` straight to and from the caller's
-buffers), ``fdatasync`` on flush, hole punching on trim and zero where the
-filesystem allows (``fallocate(PUNCH_HOLE|KEEP_SIZE)``), ``BLKDISCARD`` /
-``BLKZEROOUT`` on block devices, and written zeroes where neither works.
-A missing image is created sparse at the configured size.
+buffers), ``fdatasync`` on flush, ``BLKDISCARD`` / ``BLKZEROOUT`` on block
+devices.  On a file, trim punches a hole where the filesystem allows
+(``fallocate(PUNCH_HOLE|KEEP_SIZE)``; advisory, like TRIM), and zero uses
+``fallocate(ZERO_RANGE|KEEP_SIZE)``, which must read back zeroes; where that is
+unsupported (FUSE, some filesystems) zero writes zeroes.  A punched hole is not
+trusted to read back zeroes: on a file of an nbdfuse mount it is an NBD TRIM,
+which the server may ignore.  A missing image is created sparse at the
+configured size.
+
+Errors opening the image are OSError or ValueError whose message starts with
+the key at fault (``backend.path`` or ``backend.size``).
 """
 
 from __future__ import annotations
@@ -61,8 +68,7 @@ class FileBackend(Backend):
             buf = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
             self.size = struct.unpack("Q", buf)[0]
         elif not exists:
-            os.ftruncate(self.fd, size)
-            self.size = size
+            self._create(path, size)
         else:
             self.size = st.st_size
         if size and size != self.size:
@@ -74,6 +80,21 @@ class FileBackend(Backend):
             raise ValueError(f"backend.path {path!r} is empty; set backend.size or remove it")
         self.description = f"{'block device' if self.is_block else 'file'} {path}"
         self._punch = not self.is_block
+        self._zero_range = True       # BLKZEROOUT or fallocate(ZERO_RANGE) until unsupported
+
+    def _create(self, path: str, size: int) -> None:
+        """Size the image just created (sparse); on failure remove it and raise OSError
+        naming backend.size."""
+        try:
+            os.ftruncate(self.fd, size)
+        except (OSError, OverflowError) as e:
+            os.close(self.fd)
+            os.unlink(path)
+            code = getattr(e, "errno", None) or errno.EFBIG
+            why = getattr(e, "strerror", None) or str(e)
+            raise OSError(code, f"backend.size: got {size}, expected at most the largest "
+                          f"file the filesystem of {path!r} can hold ({why})") from None
+        self.size = size
 
     def pread(self, buf: memoryview, offset: int) -> None:
         done, n = 0, len(buf)
@@ -105,17 +126,23 @@ class FileBackend(Backend):
             self._punch = False      # advisory: a filesystem without holes just keeps data
 
     def zero(self, offset: int, count: int) -> None:
-        try:
-            if self.is_block:
-                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, count))
+        """Make the range read back zeroes: BLKZEROOUT on a block device,
+        fallocate(ZERO_RANGE) on a file, written zeroes where that fails as unsupported
+        (remembered: later calls write zeroes at once) or invalid.  May block."""
+        if self._zero_range:
+            try:
+                if self.is_block:
+                    fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, count))
+                else:
+                    fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset,
+                              count)
                 return
-            if self._punch:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
-                return
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                raise
-            self._punch = False
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY,
+                                   errno.EINVAL):
+                    raise
+                if e.errno != errno.EINVAL:     # EINVAL may be this range's alone
+                    self._zero_range = False
         self.write_zeroes(offset, count)
 
     def close(self) -> None:

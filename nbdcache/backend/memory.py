@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 from nbdcache.backend import Backend
@@ -11,8 +12,14 @@ class MemoryBackend(Backend):
     """Writes land in RAM; ``flush`` is a no-op.  Thread-safe through one lock."""
 
     def __init__(self, size: int) -> None:
+        """Allocate ``size`` bytes; raises OSError(ENOMEM) naming backend.size when the
+        process cannot have them."""
         self.size = size
-        self.data = bytearray(size)
+        try:
+            self.data = bytearray(size)
+        except (MemoryError, OverflowError):
+            raise OSError(errno.ENOMEM, f"backend.size: got {size}, expected at most the "
+                          "memory this process can allocate for backend.type=memory") from None
         self._lock = threading.Lock()
         self.description = f"memory ({size} bytes)"
         self.writes: list[tuple[int, int]] = []   # (offset, length) of every pwrite

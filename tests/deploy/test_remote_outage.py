@@ -39,7 +39,8 @@ def known_issue(name: str) -> bool:
 
 def write_config(tmp_path: Path, port: int) -> Path:
     cfg = tmp_path / "outage.yaml"
-    cfg.write_text(f"backend: {{type: nbd, uri: 'nbd://127.0.0.1:{port}', connections: 2}}\n"
+    cfg.write_text(f"backend: {{type: nbd, uri: 'nbd://127.0.0.1:{port}', connections: 2, "
+                   "retry_timeout: 1}\n"
                    "cache: {ram: 4M, block_size: 64K, readahead: 0}\n"
                    "log: {file: outage.log, stats_interval: 0}\n")
     return cfg

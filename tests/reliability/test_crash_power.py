@@ -35,10 +35,6 @@ from reliakit import (
 
 DISK = 16 * MiB
 MIX = Mix(max_len=512 * KiB, hot=1 * MiB)
-# WRITE_ZEROES is left out on nbdfuse: nbdcache zeroes whole blocks of a file with
-# PUNCH_HOLE, which nbdfuse turns into an (advisory) NBD TRIM, so the range can keep
-# its old data; test_write_zeroes_reads_back_zeroes_on_nbdfuse shows it on its own.
-MIX_FUSE = Mix(max_len=512 * KiB, hot=1 * MiB, write=0.66, zero=0.0)
 
 
 def start_stack(serve, upstream, tmp: Path, img: Path, kind: str, lying: bool,
@@ -84,7 +80,7 @@ def test_crash_power_loses_nothing_acknowledged(upstream, serve, tmp_path: Path,
     t0 = time.monotonic()
     t = crash_rounds(functools.partial(start_stack, serve, upstream, tmp_path, img, kind,
                                        False, rng), DISK, rounds, rng, seed,
-                     mix=MIX_FUSE if kind == "nbdfuse" else MIX)
+                     mix=MIX)
     report_crash(figures, f"power loss: {kind}", t, rounds, seed, time.monotonic() - t0)
     if kind == "nbdfuse":
         log = tmp_path / "nbdfuse.log"
@@ -114,10 +110,10 @@ def test_crash_power_negative_control_flush_discarded(upstream, serve, tmp_path:
     assert t.lost > 0, "flushes were dropped yet nothing was lost: the check cannot fail"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FileBackend.zero() uses FALLOC_FL_PUNCH_HOLE; on an "
-                   "nbdfuse file that is an advisory NBD TRIM, so WRITE_ZEROES reads back old data "
-                   "(FALLOC_FL_ZERO_RANGE would be exact)")
 def test_write_zeroes_reads_back_zeroes_on_nbdfuse(upstream, serve, tmp_path: Path):
+    """FileBackend.zero used PUNCH_HOLE, which nbdfuse turns into an advisory NBD TRIM,
+    so the range kept its old data; it now uses ZERO_RANGE, or writes zeroes where
+    that is unsupported (FUSE)."""
     reason = fuse_unusable()
     if reason:
         pytest.skip(reason)

@@ -25,7 +25,7 @@ from pathlib import Path
 import nbd
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliakit import MiB
 
@@ -61,10 +61,6 @@ def deep_map(n: int) -> str:
     return "a: {" * n + "1" + "}" * n
 
 
-NAMES_KEY = "BUG: the message does not name the key"
-UNCAUGHT = ("BUG: plugin.get_ready catches only OSError/ValueError; this startup error "
-            "escapes as a raw traceback with no 'nbdcache: error:' line")
-
 # (id, config text ({tmp} is the test's directory), text the error must contain, xfail reason)
 CORPUS = [
     ("syntax-unclosed-brace", "backend: {path: d.img, size: 64M\n", "not valid YAML", None),
@@ -85,14 +81,11 @@ CORPUS = [
     ("nan-duration", MEM + "cache: {daemon_interval: .nan}\n", "cache.daemon_interval", None),
     ("huge-threads", MEM + "server: {threads: 99999999999999999999999}\n", "server.threads",
      None),
-    ("huge-ram-enomem", MEM + "cache: {ram: 4T}\n", "cache.ram", NAMES_KEY + " (only 'Cannot "
-     "allocate memory', from the arena's mmap)"),
-    ("huge-ram-overflow", MEM + "cache: {ram: 99999999999999999999999T}\n", "cache.ram",
-     UNCAUGHT + " (OverflowError from mmap)"),
-    ("huge-memory-backend", "backend: {type: memory, size: 100000T}\n", "backend.size",
-     UNCAUGHT + " (MemoryError from bytearray)"),
+    ("huge-ram-enomem", MEM + "cache: {ram: 4T}\n", "cache.ram", None),
+    ("huge-ram-overflow", MEM + "cache: {ram: 99999999999999999999999T}\n", "cache.ram", None),
+    ("huge-memory-backend", "backend: {type: memory, size: 100000T}\n", "backend.size", None),
     ("huge-file-backend", "backend: {path: '{tmp}/huge.img', size: 100000T}\n", "backend.size",
-     NAMES_KEY + " (only 'File too large', from ftruncate)"),
+     None),
     ("lo-above-hi", MEM + "cache: {lodirtybufspace: 64M, hidirtybufspace: 1M}\n",
      "expected less than", None),
     ("block-size-not-power-of-two", MEM + "cache: {block_size: 3000}\n", "power of two", None),
@@ -107,8 +100,8 @@ CORPUS = [
     ("python-name-tag", MEM + "log: {file: !!python/name:os.system}\n", "not valid YAML", None),
     ("deep-list", deep_list(20000), "nested too deeply", None),
     ("deep-mapping", deep_map(3000), "nested too deeply", None),
-    ("alias-bomb", bomb(6), "cache.ram", "BUG: ConfigError messages embed repr() of the value; "
-     "a YAML alias bomb expands into megabytes (9 levels: > 6 GB and > 60 s)"),
+    ("alias-bomb", bomb(6), "cache.ram", None),
+    ("alias-bomb-9-levels", bomb(9), "cache.ram", None),
     ("missing-backend", "cache: {ram: 64M}\n", "backend.path: missing", None),
     ("empty-file", "", "backend.path: missing", None),
     ("nbd-without-uri", "backend: {type: nbd}\n", "backend.uri: missing", None),
@@ -120,15 +113,12 @@ CORPUS = [
     ("path-unwritable", "backend: {path: /proc/nbdcache-test.img, size: 64M}\n",
      "backend.path", None),
     ("path-is-directory", "backend: {path: '{tmp}'}\n", "backend.path", None),
-    ("path-nul-byte", "backend: {path: \"{tmp}/a\\0b\", size: 64M}\n", "backend.path",
-     NAMES_KEY + " (only 'embedded null byte')"),
+    ("path-nul-byte", "backend: {path: \"{tmp}/a\\0b\", size: 64M}\n", "backend.path", None),
     ("existing-image-size-mismatch", "backend: {path: '{tmp}/small.img', size: 128M}\n",
      "backend.size", None),
     ("log-file-unwritable", MEM + "log: {file: /proc/version}\n", "log.file", None),
     ("log-file-missing-dir", MEM + "log: {file: '{tmp}/no/dir/x.log'}\n", "log.file", None),
-    ("not-utf8", b"\xff\xfe\x00cache: {ram: 1}\n", "config file",
-     "BUG: config.read_yaml does not catch UnicodeDecodeError: a raw traceback, no "
-     "'nbdcache: error:' line"),
+    ("not-utf8", b"\xff\xfe\x00cache: {ram: 1}\n", "config file", None),
 ]
 
 
@@ -165,9 +155,8 @@ def test_bad_config_is_refused_by_nbdkit(tmp_path: Path, text, expect, figures, 
 KEYS = [t.key for t in configmod.TUNABLES if not t.key.startswith(("backend.", "log.file",
                                                                     "server.socket",
                                                                     "server.control"))]
-# No None (an empty YAML value): test_empty_value_is_refused_or_takes_the_default shows
-# what it does today; leaving it out lets the rest of the property look further.
-VALUES = (st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+# None is an empty YAML value (key: with nothing), which keeps the default.
+VALUES = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
           | st.floats(allow_nan=True, allow_infinity=True)
           | st.sampled_from(["0", "1", "-1", "4K", "64K", "1M", "3000", "1G", "4T", "1E",
                              "99999999999999999999T", "ms", "1.5s", "nan", "inf", "true",
@@ -196,22 +185,9 @@ def test_generated_values_for_real_keys_raise_only_config_error(tmp_path_factory
         pass
 
 
-def known_bug(flat: dict) -> bool:
-    """A size of 2^63 or more: the corpus's strict xfail ``huge-ram-overflow`` covers it."""
-    for k, v in flat.items():
-        if configmod.BY_KEY[k].kind == "size":
-            try:
-                if configmod.parse_size(v) >= 2**63:
-                    return True
-            except ValueError:
-                pass
-    return False
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(TREES)
 def test_generated_configs_through_nbdkit_fail_only_with_a_message(tmp_path_factory, flat):
-    assume(not known_bug(flat))
     d = tmp_path_factory.mktemp("gen")
     f = d / "c.yaml"
     f.write_text(yaml.safe_dump(nest(flat)))
@@ -226,10 +202,6 @@ EMPTY_KEYS = ["cache.block_size", "cache.ram", "cache.max_io", "cache.flushperqu
               "cache.daemon_interval", "log.stats_interval", "server.thread_model"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an empty YAML value (key: with nothing after it) "
-                   "replaces the default with None: config.parse_value returns None and load() "
-                   "stores it; startup then dies in a TypeError, or the server starts and its "
-                   "stats task dies, after which every request fails with EIO")
 def test_empty_value_is_refused_or_takes_the_default(serve, tmp_path: Path, figures):
     kept_none = []
     for key in EMPTY_KEYS:
