@@ -27,17 +27,49 @@ from nbdcache.core.daemon import BufDaemons
 from nbdcache.histogram import LatencySet
 
 
+def open_swap(cfg: Config, block_size: int) -> Any:
+    """Open the swap devices and the pager a validated Config describes.
+
+    Raises ConfigError naming ``swap.devices`` (and the device) on a bad path,
+    size or setting; no swap file is left half-made by a failed startup.
+    """
+    from nbdcache.config import ConfigError
+    from nbdcache.swap.device import SwapDevice, SwapDeviceError
+    from nbdcache.swap.pager import SwapPager
+    devices = []
+    try:
+        for i, d in enumerate(cfg["swap.devices"]):
+            try:
+                devices.append(SwapDevice(d["path"], d["size"], d["create"], block_size))
+            except (OSError, SwapDeviceError) as e:
+                raise ConfigError(f"swap.devices[{i}] ({d['path']}): {e}") from None
+        try:
+            return SwapPager(devices, block_size, dmmax=cfg["swap.dmmax"],
+                             nsw_cluster_max=cfg["swap.cluster_max"],
+                             swap_async_max=cfg["swap.swap_async_max"],
+                             nswap_lowat=cfg["swap.nswap_lowat"],
+                             nswap_hiwat=cfg["swap.nswap_hiwat"], log=logmod.get("swap"))
+        except ValueError as e:
+            raise ConfigError(f"swap.devices: {e}") from None
+    except BaseException:
+        for d in devices:
+            d.close()
+        raise
+
+
 class Engine:
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
         self.cfg = cfg
         self.log = logmod.get("engine")
         self.backend = backend or open_backend(cfg)
         self.params = bufinit(cfg)
+        self.pager = open_swap(cfg, self.params["block_size"]) if cfg["swap.devices"] else None
         self.cache = BufCache(
             self.params, self.backend,
             max_io=cfg["cache.max_io"], flushperqueue=cfg["cache.flushperqueue"],
             readahead=cfg["cache.readahead"], log=logmod.get("cache"),
-            kick=self._kick,
+            kick=self._kick, pager=self.pager, spill=cfg["swap.spill"],
+            kick_swap=self._kick_swap,
         )
         self.daemons = BufDaemons(
             self.cache, interval=cfg["cache.daemon_interval"],
@@ -51,6 +83,9 @@ class Engine:
 
     def _kick(self, hw: bool) -> None:
         self.daemons.kick(hw)
+
+    def _kick_swap(self) -> None:
+        self.daemons.kick_swap()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -78,6 +113,8 @@ class Engine:
         from nbdcache.control import stop_observers
         stop_observers(self.observers)
         self.backend.close()
+        if self.pager is not None:
+            self.pager.close()
         self.log.info("engine.stop")
 
     def log_stats(self, final: bool = False) -> None:
@@ -105,6 +142,14 @@ class Engine:
             "cache.readahead": c.readahead,
             "cache.daemon_interval": self.daemons.interval,
             "log.stats_interval": self.daemons.stats_interval,
+            "backend.retry_timeout": getattr(self.backend, "retry_timeout",
+                                             self.cfg["backend.retry_timeout"]),
+            **({} if self.pager is None else {
+                "swap.spill": c.spill,
+                "swap.swap_async_max": self.pager.swap_async_max,
+                "swap.nswap_lowat": self.pager.nswap_lowat,
+                "swap.nswap_hiwat": self.pager.nswap_hiwat,
+            }),
         }
 
     def set_tunable(self, key: str, raw: Any) -> tuple[Any, Any]:
@@ -146,6 +191,19 @@ class Engine:
                 self.daemons.interval = value
             elif key == "log.stats_interval":
                 self.daemons.stats_interval = value
+            elif key == "backend.retry_timeout":
+                self.backend.retry_timeout = value
+            elif key == "swap.spill":
+                c.spill = value
+            elif key == "swap.swap_async_max":
+                value = self.pager.set_swap_async_max(value)
+            elif key in ("swap.nswap_lowat", "swap.nswap_hiwat"):
+                lo, hi = self.pager.nswap_lowat, self.pager.nswap_hiwat
+                lo, hi = (value, hi) if key.endswith("lowat") else (lo, value)
+                try:
+                    self.pager.set_watermarks(lo, hi)
+                except ValueError as e:
+                    raise ConfigError(f"{key}: got {raw!r}, expected {e}") from None
             th.bd_speedup()                     # a lowered mark takes effect at once
         self.log.info("tunable.set", key=key, old=old, new=value)
         return old, value

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from nbdcache import log as logmod
 from nbdcache.histogram import Histogram, is_snapshot
-from nbdcache.statistics import BY_NAME
+from nbdcache.statistics import lookup
 
 PREFIX = "nbdcache_"
 LOOPBACK = "127.0.0.1"
@@ -49,7 +49,7 @@ class StatsCollector:
         )
         from prometheus_client.utils import floatToGoString
         for name, value in self.engine.stats().items():
-            st = BY_NAME.get(name)
+            st = lookup(name)
             help_ = (f"{st.help} Unit: {st.unit}." if st else
                      "Not in nbdcache.statistics (see docs/statistics.md).")
             metric = PREFIX + name

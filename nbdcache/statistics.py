@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Iterable, Mapping
 
 KiB = 1024
@@ -212,6 +213,26 @@ STATISTICS: tuple[Statistic, ...] = (
     _W("swap_pagein_blocks", "blocks", "counter", "v_swappgsin", "Blocks read from swap."),
     _W("swap_hits", "blocks", "counter", "swap_pager_haspage",
        "Cache misses served from swap instead of the backend."),
+    _W("swap_hit_ratio", "ratio", "gauge", "",
+       "swap_hits / misses: the share of RAM misses that swap served."),
+    _W("swap_pagein_neighbours", "blocks", "counter", "swap_pager_getpages",
+       "Blocks paged in beside a requested one (same read), entering the cache cold."),
+    _W("swap_read_fallbacks", "blocks", "counter", "",
+       "Clean swap copies that could not be read; the backend was read instead."),
+    _W("swap_spill_dirty", "blocks", "counter", "",
+       "Dirty blocks paged out to swap instead of waiting for the backend."),
+    _W("swap_spill_sync", "blocks", "counter", "",
+       "Of swap_spill_dirty, those paged out by a guest write past mid2 (synchronous)."),
+    _W("swap_spill_clean", "blocks", "counter", "vm.swapcache",
+       "Clean blocks copied to swap before recycling (the swapcache)."),
+    _W("swap_drained", "blocks", "counter", "buf_daemon_hw",
+       "Dirty swap copies moved into heavy buffers and written back to the backend."),
+    _W("swap_recycled_uncopied", "blocks", "counter", "",
+       "Clean blocks recycled with no swap copy (the swapcache fell behind or is off)."),
+    _W("swap_dev_slots_used", "slots", "gauge", "swdevt.sw_used",
+       "Slots in use on swap device N, reported as swap_devN_slots_used (N = 0, 1, ... in swap.devices order)."),
+    _W("swap_dev_slots_free", "slots", "gauge", "",
+       "Slots free on swap device N, reported as swap_devN_slots_free."),
     _W("swap_almost_full", "flag", "gauge", "swap_pager_almost_full",
        "1 from when free slots fall below swap_lowat until they rise above swap_hiwat."),
     _W("swap_full", "flag", "gauge", "swap_pager_full",
@@ -291,8 +312,15 @@ BY_NAME: dict[str, Statistic] = {s.name: s for s in STATISTICS}
 OPTIONAL_GROUPS = ("swap", "latency")
 
 
+_DEV_RE = re.compile(r"^swap_dev\d+_")
+
+
 def lookup(name: str) -> Statistic | None:
-    return BY_NAME.get(name)
+    """The table entry of ``name``; per-device names ``swap_dev3_...`` map to ``swap_dev_...``."""
+    st = BY_NAME.get(name)
+    if st is None and name.startswith("swap_dev"):
+        st = BY_NAME.get(_DEV_RE.sub("swap_dev_", name))
+    return st
 
 
 def grouped(names: Iterable[str]) -> list[tuple[str, list[str]]]:
@@ -479,6 +507,11 @@ def swap_statistics(pager_stats: Mapping[str, Any]) -> dict[str, Any]:
     ``swap_`` prefix, so the drift test reports it."""
     out: dict[str, Any] = {}
     for k, v in pager_stats.items():
+        if k == "devices":
+            for i, d in enumerate(v):
+                out[f"swap_dev{i}_slots_used"] = d["used"]
+                out[f"swap_dev{i}_slots_free"] = d["free"]
+            continue
         if isinstance(v, (list, dict, tuple)):
             continue
         name = SWAP_RENAMES.get(k) or (k if k.startswith("swap_") else "swap_" + k)
@@ -489,7 +522,7 @@ def swap_statistics(pager_stats: Mapping[str, Any]) -> dict[str, Any]:
 def check_table(stats: Mapping[str, Any]) -> list[str]:
     """Problems between the table and a real ``Engine.stats()``: names it lacks or misses."""
     problems = [f"{k}: returned by Engine.stats() but not in nbdcache.statistics.STATISTICS"
-                for k in stats if k not in BY_NAME]
+                for k in stats if lookup(k) is None]
     problems += [f"{s.name}: in the table but not returned by Engine.stats()"
                  for s in STATISTICS if s.group not in OPTIONAL_GROUPS and s.name not in stats]
     return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,19 @@ class Server:
                 self.kill()
                 raise RuntimeError(f"nbdkit did not create its socket: {self.stderr()}")
             time.sleep(0.02)
+        # The socket file appears at bind(), before listen(): wait until a connect works.
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"nbdkit does not accept connections: {self.stderr()}")
+                time.sleep(0.02)
+            finally:
+                probe.close()
 
     @property
     def uri(self) -> str:

@@ -31,6 +31,27 @@ and waits.  TRIM and WRITE_ZEROES are the only operations that discard dirty
 data; while one runs, its range is fenced so no buffer can be created in it
 before the backend has carried it out.
 
+Swap (``nbdcache.swap.pager``, optional)
+----------------------------------------
+With a pager, RAM *clean* means "equal to the newest copy, on the backend or
+in swap", and one rule keeps the two consistent: a cached block holds at least
+the sectors of its swap copy, and a block dirty in RAM has no swap copy.  So:
+``getblk`` pages a block in (``_swapin``: the block and its contiguous swap
+neighbours in one read, neighbours cold) before handing out a new buffer for
+it; every modification calls ``_unswap`` (``swap_pager_unswapped``), which
+frees the slot and, if the slot was dirty, marks its sectors dirty in RAM;
+``discard`` frees the range's slots (``swap_pager_freespace``).  Page-outs
+(``_pageout``) snapshot idle buffers under the lock, write without it, and only
+then let RAM go: a block paged out dirty becomes clean in RAM with a dirty
+swap copy.  The swap daemon (``swap_pass``) spills the oldest dirty buffers
+when guests are about to wait for a saturated backend and copies clean buffers
+about to be recycled (the swapcache); a guest write past mid2 spills
+synchronously first (``spill_dirty(sync=True)``).  ``buf_daemon_hw``
+(``swap_drain``) pages dirty swap copies into B_HEAVY buffers, taken from the
+reserve above hibufspace, and writes them back while pressure is low; FLUSH and
+FUA (``_sync_blocks``) drain every block they cover, whether its dirty data is
+in RAM, in swap, or moves between them meanwhile.
+
 Locking
 -------
 One engine lock (``self.lock``) guards every buffer header, queue, counter and
@@ -62,6 +83,7 @@ from nbdcache.core.buf import (
     Buf, runs, sector_cover, sector_span,
 )
 from nbdcache.core.throttle import Throttle
+from nbdcache.swap.pager import SwapNoCredit, SwapPagerError
 
 _ZEROES = bytes(1024 * 1024)
 
@@ -90,7 +112,10 @@ class CacheStats:
               "backend_read_bytes", "writeback_clusters", "writeback_bufs",
               "writeback_bytes", "writeback_errors", "writeback_segments", "flushes",
               "flush_errors", "fua_writes", "discards", "discarded_dirty", "read_errors",
-              "getnewbuf_waits", "recycled", "writes", "reads")
+              "getnewbuf_waits", "recycled", "writes", "reads", "swap_hits",
+              "swap_pagein_neighbours", "swap_spill_dirty", "swap_spill_clean",
+              "swap_spill_sync", "swap_drained", "swap_recycled_uncopied",
+              "swap_read_fallbacks")
     __slots__ = FIELDS
 
     def __init__(self) -> None:
@@ -116,7 +141,8 @@ class BufCache:
                  submit: Callable[..., Future] = _inline_submit,
                  kick: Callable[[bool], None] | None = None,
                  max_io: int = 1 << 20, flushperqueue: int = 1024, readahead: int = 4,
-                 log: Any = None) -> None:
+                 log: Any = None, pager: Any = None, spill: str = "both",
+                 kick_swap: Callable[[], None] | None = None) -> None:
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
         self.backend = backend
@@ -143,6 +169,9 @@ class BufCache:
         self._ra_last = -2
         self._discarding: list[tuple[int, int]] = []
         self._writeback_failing = False
+        self.pager = pager
+        self.spill = spill
+        self.kick_swap = kick_swap or (lambda: None)
         self.arena = mmap.mmap(-1, self.nbuf * bs)
         mv = memoryview(self.arena)
         self.bufs = [Buf(i, mv[i * bs:(i + 1) * bs]) for i in range(self.nbuf)]
@@ -253,13 +282,17 @@ class BufCache:
 
     # ================================================================== getblk / getnewbuf / release
 
-    def getblk(self, blkno: int, wait: bool = True) -> Buf | None:
+    def getblk(self, blkno: int, wait: bool = True, swapin: bool = True) -> Buf | None:
         """Return the buffer for ``blkno`` busy and off its queue, creating it if needed.
 
         May block (releasing the lock) while the buffer is busy, while a
         discard fences the block, or while getnewbuf finds no buffer.  With
         ``wait=False`` returns None instead of blocking.  The caller must check
-        which sectors are valid (the kernel's B_CACHE contract).
+        which sectors are valid (the kernel's B_CACHE contract).  A buffer
+        created for a block that has a swap copy is paged in first (with
+        ``swapin``; a caller about to overwrite the whole block may skip it),
+        so a cached block always holds at least the sectors its swap copy
+        holds; a dirty copy that cannot be read raises EIO.
         """
         while True:
             b = self.hash.get(blkno)
@@ -290,6 +323,8 @@ class BufCache:
             b.flags = 0
             b.busy = True
             self.hash[blkno] = b
+            if swapin and self.pager is not None and self.pager.has(blkno):
+                self._swapin(b)
             return b
 
     def getnewbuf(self, heavy: bool = False, wait: bool = True) -> Buf | None:
@@ -330,6 +365,8 @@ class BufCache:
                 return None
             self.bremfree(b)
             if b.blkno >= 0:
+                if self.pager is not None and not self.pager.has(b.blkno):
+                    self._recycled_uncopied()
                 self._release_identity(b)                   # vfs_vmio_release + brelvp
                 self.bufspace -= bs
                 self.stats.recycled += 1
@@ -457,13 +494,15 @@ class BufCache:
     def _bread_miss(self, blkno: int, boff: int, n: int, out: memoryview | None,
                     dst: int) -> None:
         """Slow path of a read of one block: getblk, fill the missing sectors, copy out."""
+        swap_hits = self.stats.swap_hits
         b = self.getblk(blkno)
         assert b is not None
         need = sector_span(boff, boff + n)
         missing = need & ~b.valid
-        if missing:
-            self.stats.misses += 1
-            self._fill(b, missing)
+        if missing or self.stats.swap_hits != swap_hits:
+            self.stats.misses += 1          # a RAM miss, whether swap or the backend serves it
+            if missing:
+                self._fill(b, missing)
         else:
             self.stats.hits += 1
         if out is not None:
@@ -519,6 +558,8 @@ class BufCache:
         for blkno in range(start, min(start + count, self.nblocks)):
             if blkno in self.hash or (self._discarding and self._fenced(blkno)):
                 continue
+            if self.pager is not None and self.pager.has(blkno):
+                continue                    # paged in (with its neighbours) when read
             b = self.getnewbuf(wait=False)
             if b is None:
                 break
@@ -573,12 +614,16 @@ class BufCache:
                 if b is not None and not b.busy and not partial & ~b.valid:
                     b.data[boff:boff + n] = buf[src:src + n]
                     self._set_valid(b, need)
+                    if self.pager is not None and self.pager.has(blkno):
+                        self._unswap(b)
                     self.bdirty(b, need)
                     if b.qindex == QUEUE_CLEAN:
                         self.bremfree(b)
                         self._enqueue(b, QUEUE_DIRTY_HW if b.flags & B_HEAVY else QUEUE_DIRTY)
                 else:
-                    b = self.getblk(blkno)
+                    # A write of the whole block needs nothing from swap.
+                    whole = not partial and need == self.fullmask(blkno)
+                    b = self.getblk(blkno, swapin=not whole)
                     assert b is not None
                     # Read-modify-write: fill the (at most two) partial sectors that are not
                     # valid yet; on error _fill has released the buffer.
@@ -586,10 +631,17 @@ class BufCache:
                         self._fill(b, ((1 << cnt) - 1) << s)
                     b.data[boff:boff + n] = buf[src:src + n]
                     self._set_valid(b, need)
+                    if self.pager is not None and self.pager.has(blkno):
+                        self._unswap(b)
                     self.bdirty(b, need)
                     self.bqrelse(b)
                 pos += n
             excess = self.throttle.bd_heatup()
+            if excess > 0 and self.pager is not None and self.spill in ("dirty", "both"):
+                # Synchronous page-out from the foreground: swap takes the excess instead
+                # of the guest waiting for a slow backend.
+                self.spill_dirty((excess >> shift) + 1, sync=True)
+                excess = self.throttle.bd_heatup()
             if excess > 0:
                 self.throttle.bd_wait(excess)
         finally:
@@ -752,21 +804,31 @@ class BufCache:
         return r
 
     def sync_range(self, offset: int, count: int) -> None:
-        """Write back, and wait for, every dirty block in [offset, offset+count) (bwrite)."""
+        """Write back, and wait for, every dirty block in [offset, offset+count) (bwrite),
+        whether its dirty data is in RAM or in swap."""
         b0, b1 = offset >> self.shift, (offset + count - 1 >> self.shift) + 1
+        pager = self.pager
         with self.lock:
-            targets = [(b, b.blkno) for k in range(b0, b1)
-                       if (b := self.hash.get(k)) is not None and b.flags & B_DELWRI]
-            self._sync_writeback(targets)
+            blocks = [k for k in range(b0, b1)
+                      if ((b := self.hash.get(k)) is not None and b.flags & B_DELWRI)
+                      or (pager is not None and pager.is_dirty(k))]
+            self._sync_blocks(blocks)
 
     def flush(self) -> None:
-        """NBD FLUSH: write back every block dirty now, wait for in-flight writes, then
-        flush the backend.  Raises the first write-back or backend error."""
+        """NBD FLUSH: write back every block dirty now, in RAM or in swap, wait for
+        in-flight writes, then flush the backend.  Raises the first write-back, swap
+        or backend error."""
         with self.lock:
             self.stats.flushes += 1
-            targets = [(b, b.blkno) for b in self.bufs if b.flags & B_DELWRI]
+            if self.pager is None:
+                blocks = [b.blkno for b in self.bufs if b.flags & B_DELWRI]
+            else:
+                dirty = {b.blkno for b in self.bufs if b.flags & B_DELWRI}
+                dirty.update(self.pager.dirty_blocks(self.pager.ndirty,
+                                                     include_unreadable=True))
+                blocks = sorted(dirty)
             try:
-                self._sync_writeback(targets)
+                self._sync_blocks(blocks)
             except OSError:
                 self.stats.flush_errors += 1
                 raise
@@ -776,6 +838,54 @@ class BufCache:
             with self.lock:
                 self.stats.flush_errors += 1
             raise
+
+    def _sync_blocks(self, blocks: list[int]) -> None:
+        """Make every block of ``blocks`` that is dirty now clean on the backend.  Lock held.
+
+        Without swap this is one ``_sync_writeback``.  With swap, dirty data may
+        live in swap (spilled) or move there while we wait: blocks dirty in swap
+        are paged into RAM as dirty buffers a batch at a time (as many as the
+        write-back bound allows), written back, and the check is repeated until
+        none of ``blocks`` is dirty anywhere.  A dirty swap copy that cannot be
+        read fails the call with EIO after the other blocks have been written.
+        """
+        if self.pager is None:
+            self._sync_writeback([(b, k) for k in blocks
+                                  if (b := self.hash.get(k)) is not None])
+            return
+        pager = self.pager
+        batch = max(1, self.max_io >> self.shift)
+        error: OSError | None = None
+        for _ in range(64):
+            swapped = [k for k in blocks if pager.is_dirty(k)]
+            targets = [(b, k) for k in blocks
+                       if (b := self.hash.get(k)) is not None and b.flags & B_DELWRI]
+            self._sync_writeback(targets)
+            for i in range(0, len(swapped), batch):
+                moved = []
+                for k in swapped[i:i + batch]:
+                    if not pager.is_dirty(k):
+                        # rewritten meanwhile: its dirty data is back in RAM
+                        b = self.hash.get(k)
+                        if b is not None and b.flags & B_DELWRI:
+                            moved.append((b, k))
+                        continue
+                    try:
+                        b = self._swap_to_dirty(k, heavy=True, wait=True)
+                    except OSError as e:
+                        error = error or e
+                        continue
+                    if b is not None:
+                        moved.append((b, k))
+                self._sync_writeback(moved)
+            if not any(self._drainable(k) for k in blocks):
+                break
+        if error is not None:
+            raise OSError(errno.EIO, f"dirty data in swap could not be read: {error}")
+        unreadable = [k for k in blocks if pager.is_dirty(k)]
+        if unreadable:
+            raise OSError(errno.EIO, f"{len(unreadable)} dirty blocks are only in swap and "
+                          f"unreadable (first: block {unreadable[0]})")
 
     def _sync_writeback(self, targets: Iterable[tuple[Buf, int]]) -> None:
         """Write back the given (buffer, block) pairs that are still dirty, in clusters,
@@ -826,6 +936,293 @@ class BufCache:
         finally:
             self.lock.acquire()
 
+    # ================================================================== swap
+
+    def _drainable(self, blkno: int) -> bool:
+        """Whether swap holds readable dirty data of ``blkno``."""
+        if not self.pager.is_dirty(blkno):
+            return False
+        e = self.pager.lookup(blkno)
+        return e is not None and not e.unreadable
+
+    def _swapin(self, b: Buf, heavy: bool = False) -> None:
+        """Page in busy new buffer ``b`` and its contiguous swap neighbours (getpages).
+
+        Lock held; released during the read.  Neighbours get buffers only if one
+        is free without waiting, and enter the cache cold (B_AGE).  Installs the
+        swap copy's valid sectors, leaving RAM clean: a dirty swap copy stays the
+        authority until the block is modified (``_unswap``) or drained.  A clean
+        copy that cannot be read is dropped (the backend has the data); a dirty
+        one that cannot be read destroys ``b`` and raises EIO.
+        """
+        pager = self.pager
+        while True:
+            claimed: dict[int, Buf] = {}
+
+            def wanted(n: int) -> bool:
+                if n in self.hash or n >= self.nblocks or (
+                        self._discarding and self._fenced(n)):
+                    return False
+                nb = self.getnewbuf(heavy=heavy, wait=False)
+                if nb is None:
+                    return False
+                nb.blkno = n
+                nb.flags |= B_AGE
+                nb.busy = True
+                self.hash[n] = nb
+                claimed[n] = nb
+                return True
+
+            try:
+                run = pager.getpages_begin(b.blkno, wanted)
+            except SwapNoCredit:
+                for nb in claimed.values():
+                    self._destroy(nb)
+                self._wait(0.01)
+                continue
+            if run is None:
+                return
+            self.lock.release()
+            try:
+                pager.pagein_io(run)
+            finally:
+                self.lock.acquire()
+            again = False
+            failure: OSError | None = None
+            for entry, data, err in pager.getpages_done(run):
+                nb = b if entry.blkno == b.blkno else claimed[entry.blkno]
+                if data is not None:
+                    fill = entry.valid & ~nb.valid
+                    for s, cnt in runs(fill):
+                        lo = s << SECTOR_SHIFT
+                        hi = min((s + cnt) << SECTOR_SHIFT, self.blocklen(nb.blkno))
+                        nb.data[lo:hi] = data[lo:hi]
+                    self._set_valid(nb, fill)
+                    if nb is b:
+                        self.stats.swap_hits += 1
+                    else:
+                        self.stats.swap_pagein_neighbours += 1
+                elif err is not None and entry.dirty:
+                    if nb is b:
+                        failure = OSError(errno.EIO, f"block {b.blkno}: its only current "
+                                          f"copy, in swap, cannot be read: {err}")
+                elif err is not None:
+                    self.stats.swap_read_fallbacks += 1     # clean: read the backend
+                elif nb is b:
+                    again = True                            # remapped meanwhile: look again
+                if nb is not b:
+                    self.bqrelse(nb)
+            if failure is not None:
+                self.stats.read_errors += 1
+                self.brelse(b)
+                raise failure
+            if not again:
+                return
+
+    def _unswap(self, b: Buf) -> None:
+        """``swap_pager_unswapped``: ``b`` is being modified; free its swap copy, taking over
+        the copy's dirty sectors first (RAM then holds the only current data)."""
+        try:
+            e = self.pager.unswapped(b.blkno, b.valid)
+        except SwapPagerError as err:       # a cached block holds its swap copy's sectors
+            raise BufCacheInvariantError(str(err)) from None
+        if e is not None and e.dirty:
+            self.bdirty(b, e.dirty_mask)
+
+    def _swap_to_dirty(self, blkno: int, heavy: bool, wait: bool) -> Buf | None:
+        """Move the dirty swap copy of ``blkno`` into a RAM buffer marked dirty (and
+        B_HEAVY with ``heavy``: buf_daemon_hw's write-back); return it idle on its dirty
+        queue, or None if it could not be done without waiting (``wait=False``) or the
+        copy went away.  Raises EIO if the copy cannot be read.  Lock held."""
+        while True:
+            if not self.pager.is_dirty(blkno):
+                return None
+            b = self.hash.get(blkno)
+            if b is not None:
+                if b.busy or b.writing:
+                    if not wait:
+                        return None
+                    self._wait()
+                    continue
+                self.bremfree(b)
+                b.busy = True
+            else:
+                if self._discarding and self._fenced(blkno):
+                    if not wait:
+                        return None
+                    self._wait()
+                    continue
+                b = self.getnewbuf(heavy=heavy, wait=wait)
+                if b is None:
+                    if not wait:
+                        return None
+                    continue
+                if blkno in self.hash:
+                    self._destroy(b)
+                    continue
+                b.blkno = blkno
+                b.busy = True
+                self.hash[blkno] = b
+                self._swapin(b, heavy)
+            if self.pager.has(blkno):
+                self._unswap(b)
+            if heavy and b.flags & B_DELWRI:
+                self.bheavy(b)
+            self.bqrelse(b)
+            return b if b.flags & B_DELWRI else None
+
+    def _pageout(self, bufs: list[Buf], sync: bool) -> int:
+        """Page out idle buffers that the caller took off their queues (putpages).
+
+        Lock held; released during the writes.  The data is copied under the lock
+        and the buffers are marked ``writing`` meanwhile (a guest write may still
+        modify one: ``_unswap`` then cancels its page-out).  A block paged out
+        dirty becomes clean in RAM (its swap copy is the dirty one) and a candidate
+        for recycling; blocks that got no slot, no credit or a write error stay as
+        they were.  Returns the number of blocks now in swap.
+        """
+        pager = self.pager
+        bufs.sort(key=lambda x: x.blkno)
+        by = {x.blkno: x for x in bufs}
+        runs_, failed = pager.putpages_begin([(x.blkno, x.valid, x.dirty) for x in bufs],
+                                             sync)
+        for blk in failed:
+            self._requeue(by[blk])
+        if not runs_:
+            return 0
+        gens: dict[int, int] = {}
+        for run in runs_:
+            for i, blk in enumerate(run.blknos):
+                x = by[blk]
+                run.block(i)[:] = x.data
+                x.writing = True
+                gens[blk] = x.gen
+        self.lock.release()
+        try:
+            for run in runs_:
+                pager.pageout_io(run)
+        finally:
+            self.lock.acquire()
+        n = 0
+        st = self.stats
+        for run in runs_:
+            for blk, ok in pager.putpages_done(run):
+                x = by[blk]
+                x.writing = False
+                if ok and x.gen != gens[blk]:           # cannot happen: writes cancel
+                    pager.unswapped(blk)
+                    ok = False
+                if ok:
+                    n += 1
+                    if x.flags & B_DELWRI:
+                        self.bundirty(x)
+                        st.swap_spill_dirty += 1
+                        if sync:
+                            st.swap_spill_sync += 1
+                    else:
+                        st.swap_spill_clean += 1
+                    x.flags |= B_AGE
+                self._requeue(x)
+        self._wakeup()
+        return n
+
+    def _take_dirty(self, maxbufs: int) -> list[Buf]:
+        """Up to ``maxbufs`` idle dirty buffers, oldest first, each with its idle dirty
+        neighbours (so that page-outs cluster).  Taken off their queue.  Lock held."""
+        q = self.queues[QUEUE_DIRTY]
+        cluster = max(1, self.pager.nsw_cluster_max)
+        out: list[Buf] = []
+        while q and len(out) < maxbufs:
+            b = next(iter(q.values()))
+            self.bremfree(b)
+            out.append(b)
+            k = b.blkno + 1
+            while len(out) < maxbufs and (k - b.blkno) < cluster:
+                n = self.hash.get(k)
+                if n is None or n.qindex != QUEUE_DIRTY:
+                    break
+                self.bremfree(n)
+                out.append(n)
+                k += 1
+        return out
+
+    def spill_dirty(self, maxbufs: int, sync: bool) -> int:
+        """Page out up to ``maxbufs`` of the oldest dirty buffers to swap, if the policy
+        and ``swap_pager_almost_full`` allow.  Lock held.  Returns blocks paged out."""
+        if self.spill not in ("dirty", "both") or not self.pager.may_spill_dirty():
+            return 0
+        bufs = self._take_dirty(maxbufs)
+        return self._pageout(bufs, sync) if bufs else 0
+
+    def swapcache_pass(self, maxbufs: int) -> int:
+        """Copy clean buffers about to be recycled (the oldest half of CLEAN) that have
+        no swap copy to swap, so that a later miss is a cheap page-in: DragonFly's
+        swapcache.  Only while recycling is near.  Lock held."""
+        if (self.spill not in ("clean", "both") or self.bufspace < self.lobufspace
+                or not self.pager.may_spill_clean()):
+            return 0
+        q = self.queues[QUEUE_CLEAN]
+        pager = self.pager
+        take = []
+        for i, b in enumerate(list(q.values())[:max(1, len(q) // 2)]):
+            if len(take) >= maxbufs:
+                break
+            if b.valid and not pager.has(b.blkno):
+                take.append(b)
+        for b in take:
+            self.bremfree(b)
+        return self._pageout(take, sync=False) if take else 0
+
+    def swap_pass(self) -> int:
+        """One pass of the swap daemon: dirty spill when the guest is about to wait for a
+        saturated backend, then the swapcache copy.  Takes the lock; blocks for I/O."""
+        with self.lock:
+            t = self.throttle
+            budget = self.pager.nsw_cluster_max * max(1, self.pager.nsw_wcount_async_max)
+            n = 0
+            total = t.runningbufspace + t.dirtykvaspace
+            if total >= t.mid1() and t.buf_runningbufspace_severe():
+                n += self.spill_dirty(budget, sync=False)
+            n += self.swapcache_pass(budget)
+            return n
+
+    def swap_drain(self, maxblocks: int | None = None) -> int:
+        """buf_daemon_hw's share of swap: move dirty swap copies into heavy RAM buffers and
+        issue their write-back, while write-back pressure is low (dirty+running below
+        mid1 and running below hirunningspace).  Takes the lock; returns blocks moved."""
+        jobs = []
+        with self.lock:
+            pager, t = self.pager, self.throttle
+            if not pager.ndirty:
+                return 0
+            maxblocks = maxblocks or max(1, self.max_io >> self.shift)
+            moved = 0
+            for blk in pager.dirty_blocks(maxblocks):
+                if (t.runningbufspace + t.dirtykvaspace >= t.mid1()
+                        or t.runningbufspace >= t.hirunningspace):
+                    break
+                try:
+                    b = self._swap_to_dirty(blk, heavy=True, wait=False)
+                except OSError:
+                    continue                    # counted by the pager; FLUSH reports it
+                if b is None:
+                    continue
+                moved += 1
+                self.stats.swap_drained += 1
+                if b.qindex == QUEUE_DIRTY_HW:
+                    self.bremfree(b)
+                    jobs.append(self._cluster(b))
+        for job in jobs:
+            self.submit(self._do_write, job)
+        return moved
+
+    def _recycled_uncopied(self) -> None:
+        """getnewbuf recycled a clean block swap has no copy of: wake the swap daemon."""
+        st = self.stats
+        st.swap_recycled_uncopied += 1
+        if st.swap_recycled_uncopied % 16 == 1 and self.spill in ("clean", "both"):
+            self.kick_swap()
+
     # ================================================================== discard
 
     def _fenced(self, blkno: int) -> bool:
@@ -870,6 +1267,8 @@ class BufCache:
             fence = (b0, b1)
             self._discarding.append(fence)
             try:
+                if self.pager is not None:
+                    self.pager.freespace(b0, b1 - b0)
                 if b1 - b0 <= len(self.hash):
                     cached = [k for k in range(b0, b1) if k in self.hash]
                 else:
@@ -955,6 +1354,16 @@ class BufCache:
                     dirtybyteshw += b.dirty.bit_count() * SECTOR
             if b.writing:
                 running += 1
+        if self.pager is not None:
+            for blkno, b in self.hash.items():
+                e = self.pager.lookup(blkno)
+                if e is None or b.busy:
+                    continue
+                if e.valid & ~b.valid:
+                    fail(f"{b!r} lacks sectors {e.valid & ~b.valid:#x} of its swap copy")
+                if b.flags & B_DELWRI:
+                    fail(f"{b!r} is dirty in RAM and still has a swap copy")
+            self.pager.check_invariants()
         if len(self.hash) != held:
             fail(f"hash holds {len(self.hash)} buffers, {held} have an identity")
         if self.bufspace != bs * (self.nbuf - len(self.queues[QUEUE_EMPTY])):
@@ -997,6 +1406,13 @@ class BufCache:
                 "flushperqueue": self.flushperqueue, "max_io": self.max_io,
                 "readahead": self.readahead,
             }
+            if self.pager is None:
+                st = {k: v for k, v in st.items() if not k.startswith("swap_")}
+            else:
+                from nbdcache.statistics import swap_statistics
+                out.update(swap_statistics(self.pager.stats()))
+                out["swap_hit_ratio"] = (round(st["swap_hits"] / st["misses"], 4)
+                                         if st["misses"] else 0.0)
             out.update(st)
         lookups = out["hits"] + out["misses"]
         out["hit_ratio"] = round(out["hits"] / lookups, 4) if lookups else 0.0

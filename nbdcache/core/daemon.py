@@ -14,6 +14,11 @@ queue; both run ``buf_daemon1``::
             waitrunningbufspace()
         sleep until kicked (bd_speedup) or daemon_interval (1 s) passes
 
+With swap, ``buf_daemon_hw`` also drains dirty swap copies to the backend
+(``BufCache.swap_drain``) and a third task, ``swap_daemon`` (the part of
+``vm_pageout`` that feeds the swap pager), spills dirty buffers and copies
+clean ones to swap (``BufCache.swap_pass``); both run their I/O on the pool.
+
 They are asyncio tasks on one event loop running in a thread the engine owns:
 ``start()`` (from nbdkit's ``after_fork``) creates the loop thread and the I/O
 thread pool that carries out write-back and read-ahead, ``stop()`` (from
@@ -79,6 +84,12 @@ class BufDaemons:
         if loop is not None and self._events:
             loop.call_soon_threadsafe(self._events[int(hw)].set)
 
+    def kick_swap(self) -> None:
+        """Wake the swap daemon (getnewbuf recycles blocks swap has no copy of)."""
+        loop = self.loop
+        if loop is not None and self._events:
+            loop.call_soon_threadsafe(self._events[2].set)
+
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
@@ -88,7 +99,7 @@ class BufDaemons:
             self.loop.close()
 
     async def _main(self) -> None:
-        self._events = [asyncio.Event(), asyncio.Event()]
+        self._events = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
         self._stop = asyncio.Event()
         t = self.cache.throttle
         tasks = [
@@ -97,6 +108,8 @@ class BufDaemons:
             asyncio.create_task(self._guard("buf_daemon_hw", self.buf_daemon1(
                 QUEUE_DIRTY_HW, t.buf_daemon_hw_limit, hw=True))),
         ]
+        if self.cache.pager is not None:
+            tasks.append(asyncio.create_task(self._guard("swap_daemon", self.swap_daemon())))
         if self.on_stats is not None:
             tasks.append(asyncio.create_task(self._guard("stats", self._stats_loop())))
         self._ready.set()
@@ -138,6 +151,13 @@ class BufDaemons:
                     await asyncio.sleep(0)
                     continue
                 await t.waitrunningbufspace()
+            if hw and cache.pager is not None and cache.pager.ndirty:
+                # Dirty data spilled to swap goes to the backend while pressure is low.
+                drained = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, cache.swap_drain)
+                if drained:
+                    with lock:
+                        t.bd_request_hw = 1
             with lock:
                 if hw:
                     req, t.bd_request_hw = t.bd_request_hw, 0
@@ -148,6 +168,24 @@ class BufDaemons:
                     await asyncio.wait_for(event.wait(), self.interval)
                 except asyncio.TimeoutError:
                     pass
+            event.clear()
+
+    async def swap_daemon(self) -> None:
+        """The pageout daemon's part: dirty spill when the guest is about to wait for a
+        saturated backend, and the swapcache copy of clean buffers about to be recycled.
+        Runs its passes on the I/O pool (they do swap I/O); repeats at once while a pass
+        finds work, else sleeps until kicked or 100 ms."""
+        event = self._events[2]
+        loop = asyncio.get_running_loop()
+        while True:
+            n = await loop.run_in_executor(self.pool, self.cache.swap_pass)
+            if n:
+                await asyncio.sleep(0)
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), min(self.interval, 0.1))
+            except asyncio.TimeoutError:
+                pass
             event.clear()
 
     async def _stats_loop(self) -> None:

@@ -119,6 +119,10 @@ class Throttle:
                 return total - mid2
         return 0
 
+    def mid1(self) -> int:
+        """The first mid-point: past it the daemons are kicked (and swap takes dirty spill)."""
+        return midpoints(self._marks())[0]
+
     def _marks(self) -> dict[str, int]:
         return {"lodirtybufspace": self.lodirtybufspace, "hidirtybufspace": self.hidirtybufspace}
 

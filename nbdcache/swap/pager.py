@@ -550,6 +550,20 @@ class SwapPager:
         return SwapEntry(blkno, slot, rec.valid, rec.dirty_mask, dirty, rec.gen,
                          rec.unreadable)
 
+    def has(self, blkno: int) -> bool:
+        """Whether ``blkno`` has a swap copy or a page-out in flight (the cache must call
+        ``unswapped`` before modifying it).  O(1), lock held."""
+        return blkno in self._recs or blkno in self._out
+
+    def is_dirty(self, blkno: int) -> bool:
+        """Whether swap holds the only current copy of (some sectors of) ``blkno``.  O(1)."""
+        return blkno in self._dirty
+
+    @property
+    def ndirty(self) -> int:
+        """Blocks whose swap copy is dirty (readable or not)."""
+        return len(self._dirty)
+
     def _map(self, blkno: int, slot: int, valid: int, dirty_mask: int) -> None:
         """Map ``blkno`` to ``slot``, freeing its previous slot (``meta_build``)."""
         self._unrecord(blkno)

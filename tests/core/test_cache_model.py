@@ -33,7 +33,7 @@ class CacheModel(RuleBasedStateMachine):
 
     def _daemon_runs_while_waiting(self, timeout: float = 1.0) -> None:
         """Stands in for the sleep of a starved thread: the daemons run meanwhile."""
-        from nbdcache.core.buf import QUEUE_DIRTY
+        from nbdcache.core.buf import QUEUE_DIRTY, QUEUE_DIRTY_HW
         cache = self.cache
         saved = cache.submit
         cache.lock.release()
@@ -41,6 +41,7 @@ class CacheModel(RuleBasedStateMachine):
             self.deferred.run_all()
             cache.submit = lambda fn, *a: _done(fn(*a))
             cache.flushbufqueues(QUEUE_DIRTY)
+            cache.flushbufqueues(QUEUE_DIRTY_HW)
         finally:
             cache.submit = saved
             cache.lock.acquire()

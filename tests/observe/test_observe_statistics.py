@@ -12,6 +12,7 @@ from nbdcache.core.bufinit import bufinit, midpoints
 from nbdcache.engine import Engine
 from nbdcache.histogram import LATENCY_KINDS
 from nbdcache.statistics import (
+    lookup,
     BY_NAME, GROUPS, KINDS, STATISTICS, UNITS, check_table, format_value, grouped,
     statistics_markdown, swap_statistics,
 )
@@ -113,15 +114,21 @@ def test_swap_pager_statistics_map_onto_the_table():
     device = pytest.importorskip("nbdcache.swap.device")
     p = pager.SwapPager([device.MemorySwapDevice(256, 64 * 1024)], 64 * 1024)
     st = swap_statistics(p.stats())
-    assert [k for k in st if k not in BY_NAME] == []
+    assert [k for k in st if lookup(k) is None] == []
     declared = {s.name for s in STATISTICS if s.group == "swap"}
-    assert declared - set(st) == {"swap_hits"}          # counted by the cache, not the pager
+    by_cache = {"swap_hits", "swap_hit_ratio", "swap_pagein_neighbours", "swap_read_fallbacks",
+                "swap_spill_dirty", "swap_spill_sync", "swap_spill_clean", "swap_drained",
+                "swap_recycled_uncopied"}               # counted by the cache, not the pager
+    per_device = {"swap_dev_slots_used", "swap_dev_slots_free"}     # as swap_dev0_...
+    assert declared - set(st) == by_cache | per_device
+    assert st["swap_dev0_slots_used"] == 0 and st["swap_dev0_slots_free"] == 256
     assert st["swap_slots_total"] == 256 and st["swap_slots_free"] == 256
     assert st["swap_almost_full"] == 0 and st["swap_lowat"] < st["swap_hiwat"]
 
 
 def test_swap_statistics_renames_and_flags():
-    st = swap_statistics({"nswap": 10, "swap_pager_full": True, "devices": [{"slots": 10}],
-                          "brand_new": 3})
-    assert st == {"swap_slots_total": 10, "swap_full": 1, "swap_brand_new": 3}
+    st = swap_statistics({"nswap": 10, "swap_pager_full": True,
+                          "devices": [{"slots": 10, "used": 4, "free": 6}], "brand_new": 3})
+    assert st == {"swap_slots_total": 10, "swap_full": 1, "swap_brand_new": 3,
+                  "swap_dev0_slots_used": 4, "swap_dev0_slots_free": 6}
     assert any(p.startswith("swap_brand_new:") for p in check_table(st))
