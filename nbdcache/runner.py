@@ -28,12 +28,16 @@ VAR = SOURCE_ROOT / "var"
 DEMO_CONFIG = """\
 # The built-in default disk of `make run` (written by nbdcache demo; edit freely).
 # A 2 GiB sparse image cached in 32 MiB of RAM, so that the guest's file-system
-# workload (about 100 MiB of files) forces eviction and write-back.
+# workload (about 100 MiB of files) forces eviction and write-back, with a 256 MiB
+# swap file that evicted blocks spill to (the verify pass reads them back from it).
 backend:
   path: demo.img
   size: 2G
 cache:
   ram: 32M
+swap:
+  devices:
+    - {path: demo-swap.img, size: 256M}
 server:
   socket: run/demo.sock
 log:
@@ -134,9 +138,14 @@ def summarize(stats: dict[str, Any]) -> list[str]:
         f"{stats['recycled']} buffers recycled",
     ]
     if "swap_slots_used" in stats:
-        lines.append(f"swap: {stats.get('swap_pageouts', 0)} page-outs, "
-                     f"{stats.get('swap_pageins', 0)} page-ins, {stats.get('swap_hits', 0)} hits, "
-                     f"{stats['swap_slots_used']} slots in use")
+        lines.append(
+            f"swap: {stats['swap_pageout_blocks']} blocks paged out in "
+            f"{stats['swap_pageout_runs']} runs (mean {stats['swap_pageout_mean_cluster']}), "
+            f"{stats['swap_pagein_blocks']} paged in in {stats['swap_pagein_runs']} runs "
+            f"(mean {stats['swap_pagein_mean_cluster']}); {stats['swap_hits']} misses served "
+            f"from swap (swap hit ratio {stats['swap_hit_ratio']:.2f}); dirty spill "
+            f"{stats['swap_spill_dirty']}, drained {stats['swap_drained']}; "
+            f"{stats['swap_slots_used']} of {stats['swap_slots_total']} slots in use")
     else:
         lines.append("swap: off")
     return lines
@@ -202,8 +211,9 @@ def demo() -> int:
     """`make run`: the default disk under var/, the fs workload, verdict and statistics."""
     VAR.mkdir(exist_ok=True)
     cfg = VAR / "demo.yaml"
-    if not cfg.exists():
-        cfg.write_text(DEMO_CONFIG)
+    if not cfg.exists() or (cfg.read_text().startswith(DEMO_CONFIG.splitlines()[0])
+                            and "swap:" not in cfg.read_text()):
+        cfg.write_text(DEMO_CONFIG)         # new, or an unedited one from before swap
         say(f"wrote the default configuration {cfg}")
     log = VAR / "demo.log"
     if log.exists():

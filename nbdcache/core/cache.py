@@ -171,6 +171,7 @@ class BufCache:
         self._writeback_failing = False
         self.pager = pager
         self.spill = spill
+        self._swapin_served = 0             # page-ins that filled the requested buffer
         self.kick_swap = kick_swap or (lambda: None)
         self.arena = mmap.mmap(-1, self.nbuf * bs)
         mv = memoryview(self.arena)
@@ -494,12 +495,14 @@ class BufCache:
     def _bread_miss(self, blkno: int, boff: int, n: int, out: memoryview | None,
                     dst: int) -> None:
         """Slow path of a read of one block: getblk, fill the missing sectors, copy out."""
-        swap_hits = self.stats.swap_hits
+        served = self._swapin_served
         b = self.getblk(blkno)
         assert b is not None
         need = sector_span(boff, boff + n)
         missing = need & ~b.valid
-        if missing or self.stats.swap_hits != swap_hits:
+        if self._swapin_served != served:
+            self.stats.swap_hits += 1
+        if missing or self._swapin_served != served:
             self.stats.misses += 1          # a RAM miss, whether swap or the backend serves it
             if missing:
                 self._fill(b, missing)
@@ -999,7 +1002,7 @@ class BufCache:
                         nb.data[lo:hi] = data[lo:hi]
                     self._set_valid(nb, fill)
                     if nb is b:
-                        self.stats.swap_hits += 1
+                        self._swapin_served += 1
                     else:
                         self.stats.swap_pagein_neighbours += 1
                 elif err is not None and entry.dirty:
@@ -1197,6 +1200,7 @@ class BufCache:
                 return 0
             maxblocks = maxblocks or max(1, self.max_io >> self.shift)
             moved = 0
+            drained: list[Buf] = []
             for blk in pager.dirty_blocks(maxblocks):
                 if (t.runningbufspace + t.dirtykvaspace >= t.mid1()
                         or t.runningbufspace >= t.hirunningspace):
@@ -1209,6 +1213,8 @@ class BufCache:
                     continue
                 moved += 1
                 self.stats.swap_drained += 1
+                drained.append(b)
+            for b in drained:                   # all paged in first: clusters form
                 if b.qindex == QUEUE_DIRTY_HW:
                     self.bremfree(b)
                     jobs.append(self._cluster(b))
