@@ -325,20 +325,15 @@ def passthrough_over(name: str, upstream_name: str) -> TargetSpec:
 
 
 def swap_available() -> bool:
-    """Whether this tree's nbdcache has swap devices (being integrated)."""
+    """Whether this tree's nbdcache has swap devices."""
     return "swap.devices" in configmod.BY_KEY
 
 
-def swap_settings(size: int) -> Callable[[Path], dict[str, Any]]:
-    """The config keys that give nbdcache one swap file of ``size`` bytes.
-
-    Written against the planned ``swap.devices`` key (a list of paths; the
-    device module creates a missing file sparse at its size).  Adjust here
-    when swap lands if its keys differ.
-    """
+def swap_settings(size: int, devices: int = 2) -> Callable[[Path], dict[str, Any]]:
+    """The config keys that give nbdcache ``devices`` swap files of ``size`` bytes in all
+    (created sparse in the work directory)."""
     def settings(workdir: Path) -> dict[str, Any]:
-        out: dict[str, Any] = {"swap.devices": [str(workdir / "swap0.img")]}
-        if "swap.size" in configmod.BY_KEY:
-            out["swap.size"] = size
-        return out
+        each = configmod.format_size(size // devices)
+        return {"swap.devices": [{"path": str(workdir / f"swap{i}.img"), "size": each}
+                                 for i in range(devices)]}
     return settings

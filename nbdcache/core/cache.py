@@ -172,6 +172,7 @@ class BufCache:
         self.pager = pager
         self.spill = spill
         self._swapin_served = 0             # page-ins that filled the requested buffer
+        self._sequential = False            # the current read continues the last one
         self.kick_swap = kick_swap or (lambda: None)
         self.arena = mmap.mmap(-1, self.nbuf * bs)
         mv = memoryview(self.arena)
@@ -447,6 +448,7 @@ class BufCache:
         self.lock.acquire()
         try:
             st.reads += 1
+            self._sequential = (offset >> shift) in (self._ra_last, self._ra_last + 1)
             while pos < end:
                 blkno = pos >> shift
                 boff = pos & bmask
@@ -959,11 +961,14 @@ class BufCache:
         one that cannot be read destroys ``b`` and raises EIO.
         """
         pager = self.pager
+        # Neighbours come along when they cost no eviction, on a sequential stream, or for
+        # the drain; on random access they would push out blocks more likely to be read.
+        cluster = heavy or self._sequential or self.bufspace < self.lobufspace
         while True:
             claimed: dict[int, Buf] = {}
 
             def wanted(n: int) -> bool:
-                if n in self.hash or n >= self.nblocks or (
+                if not cluster or n in self.hash or n >= self.nblocks or (
                         self._discarding and self._fenced(n)):
                     return False
                 nb = self.getnewbuf(heavy=heavy, wait=False)
@@ -1160,8 +1165,8 @@ class BufCache:
     def swapcache_pass(self, maxbufs: int) -> int:
         """Copy clean buffers about to be recycled (the oldest half of CLEAN) that have
         no swap copy to swap, so that a later miss is a cheap page-in: DragonFly's
-        swapcache.  Only while recycling is near.  Lock held."""
-        if (self.spill not in ("clean", "both") or self.bufspace < self.lobufspace
+        swapcache.  Only once the cache is half full.  Lock held."""
+        if (self.spill not in ("clean", "both") or self.bufspace < self.lobufspace // 2
                 or not self.pager.may_spill_clean()):
             return 0
         q = self.queues[QUEUE_CLEAN]
@@ -1226,7 +1231,7 @@ class BufCache:
         """getnewbuf recycled a clean block swap has no copy of: wake the swap daemon."""
         st = self.stats
         st.swap_recycled_uncopied += 1
-        if st.swap_recycled_uncopied % 16 == 1 and self.spill in ("clean", "both"):
+        if st.swap_recycled_uncopied % 4 == 1 and self.spill in ("clean", "both"):
             self.kick_swap()
 
     # ================================================================== discard
