@@ -284,7 +284,8 @@ class BufCache:
 
     # ================================================================== getblk / getnewbuf / release
 
-    def getblk(self, blkno: int, wait: bool = True, swapin: bool = True) -> Buf | None:
+    def getblk(self, blkno: int, wait: bool = True, swapin: bool = True,
+               heavy: bool = False) -> Buf | None:
         """Return the buffer for ``blkno`` busy and off its queue, creating it if needed.
 
         May block (releasing the lock) while the buffer is busy, while a
@@ -294,7 +295,8 @@ class BufCache:
         created for a block that has a swap copy is paged in first (with
         ``swapin``; a caller about to overwrite the whole block may skip it),
         so a cached block always holds at least the sectors its swap copy
-        holds; a dirty copy that cannot be read raises EIO.
+        holds; a dirty copy that cannot be read raises EIO.  ``heavy`` (the swap
+        drain) may take a new buffer from the reserve above hibufspace.
         """
         while True:
             b = self.hash.get(blkno)
@@ -313,7 +315,7 @@ class BufCache:
                     return None
                 self._wait()
                 continue
-            b = self.getnewbuf(wait=wait)
+            b = self.getnewbuf(heavy=heavy, wait=wait)
             if b is None:
                 if not wait:
                     return None
@@ -326,7 +328,7 @@ class BufCache:
             b.busy = True
             self.hash[blkno] = b
             if swapin and self.pager is not None and self.pager.has(blkno):
-                self._swapin(b)
+                self._swapin(b, heavy)
             return b
 
     def getnewbuf(self, heavy: bool = False, wait: bool = True) -> Buf | None:
@@ -898,13 +900,20 @@ class BufCache:
 
         Jobs are submitted before this thread waits for any buffer another writer
         holds: two flushes that each waited while holding unsubmitted jobs would
-        wait for each other forever.
+        wait for each other forever.  At most about ``hirunningspace`` of snapshots
+        is outstanding at once: past it, the jobs so far are submitted and waited
+        for, so a FLUSH of a large dirty cache does not copy all of it at once.
         """
         jobs: list[WriteJob] = []
         futures: list[Future] = []
         pending: list[WriteJob] = []
         mine: set[int] = set()          # buffers in our own jobs
+        limit = max(self.throttle.hirunningspace, self.max_io)
+        outstanding = 0
         for b, blk in targets:
+            if outstanding >= limit:
+                self._submit_and_wait(pending, futures)
+                pending, futures, outstanding = [], [], 0
             if b.index in mine:
                 continue
             if (b.busy or b.writing) and b.blkno == blk:
@@ -919,20 +928,24 @@ class BufCache:
             job = self._cluster(b)
             jobs.append(job)
             pending.append(job)
+            outstanding += job.running
             mine.update(x.index for x in job.bufs)
         if not jobs:
             return
-        self.lock.release()
-        try:
-            futures += [self.submit(self._do_write, j) for j in pending]
-            for f in futures:
-                f.result()
-        finally:
-            self.lock.acquire()
+        self._submit_and_wait(pending, futures)
         for j in jobs:
             if j.error is not None:
                 raise OSError(j.error.errno or errno.EIO,
                               f"write-back failed: {j.error.strerror or j.error}")
+
+    def _submit_and_wait(self, jobs: list[WriteJob], futures: list[Future]) -> None:
+        """Submit ``jobs`` and wait for them and ``futures``; the lock is released meanwhile."""
+        self.lock.release()
+        try:
+            for f in futures + [self.submit(self._do_write, j) for j in jobs]:
+                f.result()
+        finally:
+            self.lock.acquire()
 
     def _submit_unlocked(self, jobs: list[WriteJob]) -> list[Future]:
         self.lock.release()
@@ -975,7 +988,7 @@ class BufCache:
                 if nb is None:
                     return False
                 nb.blkno = n
-                nb.flags |= B_AGE
+                nb.flags = B_AGE            # cold; B_HEAVY only for blocks being drained
                 nb.busy = True
                 self.hash[n] = nb
                 claimed[n] = nb
@@ -1042,42 +1055,19 @@ class BufCache:
         B_HEAVY with ``heavy``: buf_daemon_hw's write-back); return it idle on its dirty
         queue, or None if it could not be done without waiting (``wait=False``) or the
         copy went away.  Raises EIO if the copy cannot be read.  Lock held."""
-        while True:
-            if not self.pager.is_dirty(blkno):
-                return None
-            b = self.hash.get(blkno)
-            if b is not None:
-                if b.busy or b.writing:
-                    if not wait:
-                        return None
-                    self._wait()
-                    continue
-                self.bremfree(b)
-                b.busy = True
-            else:
-                if self._discarding and self._fenced(blkno):
-                    if not wait:
-                        return None
-                    self._wait()
-                    continue
-                b = self.getnewbuf(heavy=heavy, wait=wait)
-                if b is None:
-                    if not wait:
-                        return None
-                    continue
-                if blkno in self.hash:
-                    self._destroy(b)
-                    continue
-                b.blkno = blkno
-                b.busy = True
-                self.hash[blkno] = b
-                self._swapin(b, heavy)
-            if self.pager.has(blkno):
-                self._unswap(b)
-            if heavy and b.flags & B_DELWRI:
-                self.bheavy(b)
-            self.bqrelse(b)
-            return b if b.flags & B_DELWRI else None
+        if not self.pager.is_dirty(blkno):
+            return None
+        # A block dirty in swap is never being written from RAM (only dirty RAM buffers
+        # are written back, and a page-out maps its slot only once it is done).
+        b = self.getblk(blkno, wait=wait, heavy=heavy)
+        if b is None:
+            return None
+        if self.pager.has(blkno):
+            self._unswap(b)
+        if heavy and b.flags & B_DELWRI:
+            self.bheavy(b)
+        self.bqrelse(b)
+        return b if b.flags & B_DELWRI else None
 
     def _pageout(self, bufs: list[Buf], sync: bool) -> int:
         """Page out idle buffers that the caller took off their queues (putpages).
