@@ -481,6 +481,9 @@ def markdown(doc: dict[str, Any], suites: list[Suite], tables: list[str]) -> str
              "`make bench` runs `.venv/bin/python bench/run.py` (3 repetitions of 10 s); this "
              "report came from:", "", "```", doc["command"], "```", ""]
     lines += tables
+    analysis = Path(__file__).with_name("analysis.md")
+    if analysis.exists() and not o["quick"]:
+        lines += ["", analysis.read_text().rstrip()]
     lines += ["", "## Servers", "",
               "Each suite starts its servers in a fresh temporary directory (`$WORK`), from the "
               "repository's top directory.  The Python targets (nbdcache, the floor) run under "

@@ -303,7 +303,9 @@ def nbdcache_over(name: str, upstream_name: str, *, thread_model: str, ram: int,
                   label: str = "") -> TargetSpec:
     """nbdcache whose NBD backend is the upstream started earlier in the same work dir."""
     def backend(workdir: Path) -> dict[str, Any]:
-        return {"backend.type": "nbd",
+        # As many backend connections as the deepest queue measured (QD16): each carries
+        # one request at a time, so fewer would cap concurrent misses (4 -> ~4 per ms).
+        return {"backend.type": "nbd", "backend.connections": 16,
                 "backend.uri": f"nbd+unix:///?socket={socket_of(workdir, upstream_name)}"}
     return nbdcache(name, backend, thread_model=thread_model, ram=ram, threads=threads,
                     settings=settings, label=label)

@@ -366,7 +366,8 @@ class NbdBackend(Backend):
         self._run("pread", go, buf, offset)
 
     def pwrite(self, buf: memoryview | bytes, offset: int) -> None:
-        self._run("pwrite", lambda h, b, o: h.pwrite(b, o), bytes(buf), offset, write=True)
+        # libnbd takes any buffer: no copy (write-back snapshots are ours until done)
+        self._run("pwrite", lambda h, b, o: h.pwrite(b, o), buf, offset, write=True)
 
     def flush(self) -> None:
         """Make every write completed before the call durable, or raise.  May block;

@@ -82,6 +82,8 @@ from nbdcache.core.buf import (
     QUEUE_DIRTY, QUEUE_DIRTY_HW, QUEUE_EMPTY, QUEUE_NAMES, QUEUE_NONE, SECTOR, SECTOR_SHIFT,
     Buf, runs, sector_cover, sector_span,
 )
+
+SECTOR_MASK = SECTOR - 1
 from nbdcache.core.throttle import Throttle
 from nbdcache.swap.pager import SwapNoCredit, SwapPagerError
 
@@ -153,6 +155,8 @@ class BufCache:
         self.shift = bs.bit_length() - 1
         self.size = backend.size
         self.nblocks = -(-self.size // bs)
+        self._lastblk = self.size // bs         # blocks below it are whole
+        self._fullmask = (1 << (bs >> SECTOR_SHIFT)) - 1
         self.nbuf = params["nbuf"]
         self.maxbufspace = params["maxbufspace"]
         self.hibufspace = params["hibufspace"]
@@ -189,6 +193,8 @@ class BufCache:
         return min(self.block_size, self.size - (blkno << self.shift))
 
     def fullmask(self, blkno: int) -> int:
+        if blkno < self._lastblk:
+            return self._fullmask
         return (1 << ((self.blocklen(blkno) + SECTOR - 1) >> SECTOR_SHIFT)) - 1
 
     # ================================================================== queues
@@ -617,10 +623,14 @@ class BufCache:
                 src = pos - offset
                 b = hashget(blkno)
                 need = sector_span(boff, boff + n)
-                partial = need & ~sector_cover(boff, boff + n, self.blocklen(blkno))
+                if not (boff | n) & SECTOR_MASK:
+                    partial = 0                 # whole sectors: nothing to read first
+                else:
+                    partial = need & ~sector_cover(boff, boff + n, self.blocklen(blkno))
                 if b is not None and not b.busy and not partial & ~b.valid:
                     b.data[boff:boff + n] = buf[src:src + n]
-                    self._set_valid(b, need)
+                    if need & ~b.valid:
+                        self._set_valid(b, need)
                     if self.pager is not None and self.pager.has(blkno):
                         self._unswap(b)
                     self.bdirty(b, need)

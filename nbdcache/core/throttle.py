@@ -52,6 +52,8 @@ class Throttle:
         self.lodirtybufspace = params["lodirtybufspace"]
         self.hirunningspace = params["hirunningspace"]
         self._kick = kick                   # wakes buf_daemon (False) or buf_daemon_hw (True)
+        self._mids_key: tuple[int, int] | None = None
+        self._mids_val = (0, 0)
         # counters (sysctl names)
         self.dirtybufcount = 0
         self.dirtybufcounthw = 0
@@ -109,9 +111,16 @@ class Throttle:
             self.bd_request_hw = 1
             self._kick(True)
 
+    def _mids(self) -> tuple[int, int]:
+        """(mid1, mid2), recomputed only when a mark changed (they are live tunables)."""
+        key = (self.lodirtybufspace, self.hidirtybufspace)
+        if key != self._mids_key:
+            self._mids_key, self._mids_val = key, midpoints(self._marks())
+        return self._mids_val
+
     def bd_heatup(self) -> int:
         """Kick the daemons past mid1; return the bytes past mid2 (L418–435). Never blocks."""
-        mid1, mid2 = midpoints(self._marks())
+        mid1, mid2 = self._mids()
         total = self.runningbufspace + self.dirtykvaspace
         if total >= mid1 or self.dirtybufcount >= self.nbuf // 2:
             self.bd_speedup()
@@ -121,7 +130,7 @@ class Throttle:
 
     def mid1(self) -> int:
         """The first mid-point: past it the daemons are kicked (and swap takes dirty spill)."""
-        return midpoints(self._marks())[0]
+        return self._mids()[0]
 
     def _marks(self) -> dict[str, int]:
         return {"lodirtybufspace": self.lodirtybufspace, "hidirtybufspace": self.hidirtybufspace}
