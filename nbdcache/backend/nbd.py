@@ -377,7 +377,8 @@ class NbdBackend(Backend):
                 if self.multi_conn:
                     self._flush_multi()
                 with self._lock:
-                    rest = [c for c in self._conns if c.unflushed]
+                    rest = [c for c in self._conns if c.unflushed
+                            or (not self.multi_conn and c.h is not None)]
                 for c in rest:
                     self._flush_one(c)
             with self._lock:
@@ -396,8 +397,11 @@ class NbdBackend(Backend):
                 snap = [(y, y.serial, y.unflushed, y.oldest) for y in self._conns
                         if y.unflushed]
                 since = c.connected_at
-            if c.h is None or not snap:
-                return
+            if c.h is None:
+                return                          # the slots with writes are flushed one by one
+            # Sent even when the counts say nothing is unflushed: the counts decide which
+            # other connections a flush covers, never whether a FLUSH reaches the server
+            # (a power-loss run lost acknowledged data while flushes were skipped).
             if not self._flush_handle(c):
                 return
             with self._lock:
@@ -413,7 +417,7 @@ class NbdBackend(Backend):
         """Flush the connection of slot ``c`` if writes on it are not covered yet."""
         self._borrow(c)
         try:
-            if c.unflushed and self._flush_handle(c):
+            if c.h is not None and self._flush_handle(c):
                 with self._lock:                # we hold c: no write completed meanwhile
                     c.unflushed, c.oldest = 0, None
         finally:
