@@ -28,7 +28,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from nbdcache import config as configmod  # noqa: E402
 from nbdcache.cli import PLUGIN, plugin_env  # noqa: E402
+from nbdcache.runner import wait_listening  # noqa: E402
 
 FLOOR_PLUGIN = BENCH_DIR / "floor_plugin.py"
 MiB = 1024 * 1024
@@ -70,17 +70,11 @@ class Server:
         self.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._stderr, stderr=self._stderr,
                                      start_new_session=True)
-        deadline = time.monotonic() + start_timeout
-        while not sock.exists():
-            if self.proc.poll() is not None:
-                self._stderr.close()
-                raise TargetError(f"{name}: nbdkit exited with status {self.proc.returncode}: "
-                                  f"{self.stderr()[-2000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TargetError(f"{name}: nbdkit did not create {sock} within "
-                                  f"{start_timeout:g} s: {self.stderr()[-2000:]}")
-            time.sleep(0.02)
+        why = wait_listening(self.proc, sock, start_timeout)
+        if why is not None:
+            self.kill()
+            self._stderr.close()
+            raise TargetError(f"{name}: nbdkit {why}: {self.stderr()[-2000:]}")
 
     @property
     def uri(self) -> str:

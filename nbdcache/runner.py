@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,32 @@ class ServerError(RuntimeError):
     """The nbdcache server did not start or did not stop cleanly."""
 
 
+def wait_listening(proc: subprocess.Popen, sock: Path, timeout: float) -> str | None:
+    """Wait until the server ``proc`` accepts connections on the Unix socket ``sock``.
+
+    The socket file appears at bind(), before listen(), so a connect is the test.
+    Returns None once a connect succeeds, else why not: the process exited, or
+    ``timeout`` seconds passed (the caller reports it with the server's stderr and
+    kills the process).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            return f"exited with status {proc.returncode}"
+        if sock.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                return None
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass
+            finally:
+                probe.close()
+        if time.monotonic() > deadline:
+            return f"did not accept connections on {sock} within {timeout:g} s"
+        time.sleep(0.02)
+
+
 class ServedDisk:
     """nbdkit serving the cached disk described by a config file, as a child process."""
 
@@ -73,16 +100,10 @@ class ServedDisk:
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(cmd, env=plugin_env(), stdout=self._stderr,
                                      stderr=self._stderr, start_new_session=True)
-        deadline = time.monotonic() + start_timeout
-        while not self.socket.exists():
-            if self.proc.poll() is not None:
-                raise ServerError(f"the server exited with status {self.proc.returncode}:\n"
-                                  + self.stderr_path.read_text()[-2000:])
-            if time.monotonic() > deadline:
-                self.kill()
-                raise ServerError(f"the server did not create {self.socket} within "
-                                  f"{start_timeout:.0f} s")
-            time.sleep(0.02)
+        why = wait_listening(self.proc, self.socket, start_timeout)
+        if why is not None:
+            self.kill()
+            raise ServerError(f"the server {why}:\n" + self.stderr_path.read_text()[-2000:])
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / "core"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from nbdcache.cli import PLUGIN, plugin_env  # noqa: E402
+from nbdcache.runner import wait_listening  # noqa: E402
 
 
 class Server:
@@ -33,27 +32,10 @@ class Server:
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self._logf, stderr=self._logf,
                                      start_new_session=True)
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nbdkit exited {self.proc.returncode}: {self.stderr()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"nbdkit did not create its socket: {self.stderr()}")
-            time.sleep(0.02)
-        # The socket file appears at bind(), before listen(): wait until a connect works.
-        while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(sock))
-                break
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"nbdkit does not accept connections: {self.stderr()}")
-                time.sleep(0.02)
-            finally:
-                probe.close()
+        why = wait_listening(self.proc, sock, 20)
+        if why is not None:
+            self.kill()
+            raise RuntimeError(f"nbdkit {why}: {self.stderr()}")
 
     @property
     def uri(self) -> str:
@@ -98,6 +80,17 @@ class Server:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that configures logging (nbdcache.log.configure, e.g. at warning) must not
+    leak it: structlog.testing.capture_logs replaces the processors but not the level
+    filter, so a later test would miss the events it captures."""
+    import structlog
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -56,18 +56,6 @@ def flushes(logfile: Path) -> int:
     return sum(1 for line in logfile.read_text().splitlines() if " Flush id=" in line)
 
 
-@pytest.fixture(autouse=True)
-def log_everything():
-    """capture_logs replaces structlog's processors but not its level filter: another
-    test may have configured logging at warning, which would drop the info events these
-    tests look for.  Log at debug here and restore the previous configuration after."""
-    saved = structlog.get_config()
-    from nbdcache import log as logmod
-    logmod.configure("debug")
-    yield
-    structlog.configure(**saved)
-
-
 @pytest.fixture
 def backends():
     opened: list[NbdBackend] = []

@@ -47,8 +47,9 @@ moment, and an address serves one server at a time).  ``flush`` therefore
 sends one flush on one connection, credits every slot it certainly covers,
 and flushes the remaining slots with unflushed writes one by one (borrowing
 each in turn).  Without reconnects every slot is covered, so a multi-conn
-server gets one flush; without multi-conn every connection with writes gets
-its own.  A connection found dead while flushing is not retried: its writes
+server gets one flush; without multi-conn every connected slot gets its own.
+A FLUSH is sent even when the counts say nothing is unflushed: the counts only
+decide which connections one flush covers.  A connection found dead while flushing is not retried: its writes
 are counted lost and reported by this very flush.
 
 Locking: ``_lock`` guards slot state (free/busy, counts, serials) and the

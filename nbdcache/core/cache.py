@@ -36,8 +36,9 @@ Swap (``nbdcache.swap.pager``, optional)
 With a pager, RAM *clean* means "equal to the newest copy, on the backend or
 in swap", and one rule keeps the two consistent: a cached block holds at least
 the sectors of its swap copy, and a block dirty in RAM has no swap copy.  So:
-``getblk`` pages a block in (``_swapin``: the block and its contiguous swap
-neighbours in one read, neighbours cold) before handing out a new buffer for
+``getblk`` pages a block in (``_swapin``: the block, and its contiguous swap
+neighbours in the same read when they evict nothing, the stream is sequential
+or it is the drain; neighbours enter cold) before handing out a new buffer for
 it; every modification calls ``_unswap`` (``swap_pager_unswapped``), which
 frees the slot and, if the slot was dirty, marks its sectors dirty in RAM;
 ``discard`` frees the range's slots (``swap_pager_freespace``).  Page-outs
@@ -321,21 +322,30 @@ class BufCache:
                     return None
                 self._wait()
                 continue
-            b = self.getnewbuf(heavy=heavy, wait=wait)
+            b = self._claim(blkno, 0, heavy=heavy, wait=wait)
             if b is None:
                 if not wait:
                     return None
                 continue
-            if blkno in self.hash:          # created by another thread while we slept
-                self._destroy(b)
-                continue
-            b.blkno = blkno
-            b.flags = 0
-            b.busy = True
-            self.hash[blkno] = b
             if swapin and self.pager is not None and self.pager.has(blkno):
                 self._swapin(b, heavy)
             return b
+
+    def _claim(self, blkno: int, flags: int, heavy: bool = False,
+               wait: bool = False) -> Buf | None:
+        """A new buffer (getnewbuf) given the identity ``blkno`` and ``flags``, busy and
+        hashed; or None if getnewbuf found none (having waited, with ``wait``)."""
+        b = self.getnewbuf(heavy=heavy, wait=wait)
+        if b is None:
+            return None
+        if blkno in self.hash:              # created by another thread while we slept
+            self._destroy(b)
+            return None
+        b.blkno = blkno
+        b.flags = flags
+        b.busy = True
+        self.hash[blkno] = b
+        return b
 
     def getnewbuf(self, heavy: bool = False, wait: bool = True) -> Buf | None:
         """Find a buffer to reuse: EMPTY first, then CLEAN with a second chance (L1884–2199).
@@ -456,7 +466,8 @@ class BufCache:
         self.lock.acquire()
         try:
             st.reads += 1
-            self._sequential = (offset >> shift) in (self._ra_last, self._ra_last + 1)
+            # one sequential-stream test serves read-ahead (breadn) and swap page-in clustering
+            seq = self._sequential = (offset >> shift) in (self._ra_last, self._ra_last + 1)
             while pos < end:
                 blkno = pos >> shift
                 boff = pos & bmask
@@ -480,8 +491,8 @@ class BufCache:
                 self._bread_miss(blkno, boff, n, buf, pos - offset)
                 pos += n
             if self.readahead:
-                first_blk, last_blk = offset >> shift, (end - 1) >> shift
-                if first_blk in (self._ra_last, self._ra_last + 1):
+                last_blk = (end - 1) >> shift
+                if seq:
                     ra = self._breadn(last_blk + 1, self.readahead)
                 self._ra_last = last_blk
         finally:
@@ -573,13 +584,9 @@ class BufCache:
                 continue
             if self.pager is not None and self.pager.has(blkno):
                 continue                    # paged in (with its neighbours) when read
-            b = self.getnewbuf(wait=False)
+            b = self._claim(blkno, B_RAM | B_AGE)
             if b is None:
                 break
-            b.blkno = blkno
-            b.flags = B_RAM | B_AGE
-            b.busy = True
-            self.hash[blkno] = b
             out.append((b, blkno))
             self.stats.readahead_issued += 1
         return out
@@ -994,13 +1001,9 @@ class BufCache:
                 if not cluster or n in self.hash or n >= self.nblocks or (
                         self._discarding and self._fenced(n)):
                     return False
-                nb = self.getnewbuf(heavy=heavy, wait=False)
+                nb = self._claim(n, B_AGE, heavy=heavy)     # cold; B_HEAVY only if drained
                 if nb is None:
                     return False
-                nb.blkno = n
-                nb.flags = B_AGE            # cold; B_HEAVY only for blocks being drained
-                nb.busy = True
-                self.hash[n] = nb
                 claimed[n] = nb
                 return True
 

@@ -124,9 +124,11 @@ dirty swap entry is dirty data that merely lives in swap.
   not overwrite (page in first); then ``e = unswapped(blkno, ram_valid)``,
   and if ``e.dirty`` mark ``e.dirty_mask`` dirty in RAM, then write.
 * TRIM / WRITE_ZEROES: ``freespace(first, count)``.
-* Drain (``buf_daemon_hw``, FLUSH): ``dirty_blocks``; take the data from a
-  clean RAM copy or page it in, write it to the backend, then
-  ``set_clean(blkno, e.gen)``.  Entries still ``unreadable`` fail the FLUSH.
+* Drain (``buf_daemon_hw``, FLUSH): ``dirty_blocks``; page each in (or take
+  its clean RAM copy), then either ``unswapped`` it into a dirty RAM buffer
+  that write-back handles (what ``BufCache`` does: the slot is freed), or write
+  it to the backend yourself and ``set_clean(blkno, e.gen)`` (the slot stays as
+  a clean copy).  Entries still ``unreadable`` fail the FLUSH.
 
 Differences from ``swap_pager.c`` are listed in ``SwapPager``'s docstring.
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from nbdcache import vm
+from nbdcache.runner import wait_listening
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -44,14 +45,10 @@ class MemoryServer:
             ["timeout", "-k", "5", "900", "nbdkit", "-f", "--exit-with-parent",
              "-U", str(sock), "memory", size],
             stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nbdkit exited with status {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"nbdkit did not create {sock} within 15 s")
-            time.sleep(0.02)
+        why = wait_listening(self.proc, sock, 15)
+        if why is not None:
+            self.stop()
+            raise RuntimeError(f"nbdkit {why}")
 
     def kill(self) -> None:
         """SIGKILL the server (and its timeout wrapper) like a crash would."""
