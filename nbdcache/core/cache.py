@@ -73,7 +73,7 @@ import errno
 import mmap
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -915,59 +915,54 @@ class BufCache:
         """Write back the given (buffer, block) pairs that are still dirty, in clusters,
         in parallel through ``submit``; wait for all.  Lock held; released while waiting.
 
-        Jobs are submitted before this thread waits for any buffer another writer
-        holds: two flushes that each waited while holding unsubmitted jobs would
-        wait for each other forever.  At most about ``hirunningspace`` of snapshots
-        is outstanding at once: past it, the jobs so far are submitted and waited
-        for, so a FLUSH of a large dirty cache does not copy all of it at once.
+        Each cluster is submitted as soon as it is formed, so this thread never
+        waits (for a buffer another writer holds, or for room) while holding a job
+        nobody can run: two flushes waiting like that would wait for each other
+        forever.  At most about ``hirunningspace`` of our snapshots is in flight: at
+        the limit we wait for the oldest job only, so the backend always has work
+        while the next clusters are copied (a window, not batches).
         """
         jobs: list[WriteJob] = []
-        futures: list[Future] = []
-        pending: list[WriteJob] = []
+        window: deque[tuple[WriteJob, Future]] = deque()
         mine: set[int] = set()          # buffers in our own jobs
         limit = max(self.throttle.hirunningspace, self.max_io)
         outstanding = 0
         for b, blk in targets:
-            if outstanding >= limit:
-                self._submit_and_wait(pending, futures)
-                pending, futures, outstanding = [], [], 0
+            while outstanding >= limit:
+                job, fut = window.popleft()
+                self._wait_future(fut)
+                outstanding -= job.running
             if b.index in mine:
                 continue
-            if (b.busy or b.writing) and b.blkno == blk:
-                if pending:
-                    futures += self._submit_unlocked(pending)
-                    pending = []
-                while (b.busy or b.writing) and b.blkno == blk:
-                    self._wait()
+            while (b.busy or b.writing) and b.blkno == blk:
+                self._wait()
             if b.blkno != blk or not b.flags & B_DELWRI or b.index in mine:
                 continue
             self.bremfree(b)
             job = self._cluster(b)
             jobs.append(job)
-            pending.append(job)
-            outstanding += job.running
             mine.update(x.index for x in job.bufs)
-        if not jobs:
-            return
-        self._submit_and_wait(pending, futures)
+            window.append((job, self._submit_unlocked(job)))
+            outstanding += job.running
+        while window:
+            self._wait_future(window.popleft()[1])
         for j in jobs:
             if j.error is not None:
                 raise OSError(j.error.errno or errno.EIO,
                               f"write-back failed: {j.error.strerror or j.error}")
 
-    def _submit_and_wait(self, jobs: list[WriteJob], futures: list[Future]) -> None:
-        """Submit ``jobs`` and wait for them and ``futures``; the lock is released meanwhile."""
+    def _wait_future(self, fut: Future) -> None:
+        """Wait for a write-back job; the lock is released meanwhile."""
         self.lock.release()
         try:
-            for f in futures + [self.submit(self._do_write, j) for j in jobs]:
-                f.result()
+            fut.result()
         finally:
             self.lock.acquire()
 
-    def _submit_unlocked(self, jobs: list[WriteJob]) -> list[Future]:
+    def _submit_unlocked(self, job: WriteJob) -> Future:
         self.lock.release()
         try:
-            return [self.submit(self._do_write, j) for j in jobs]
+            return self.submit(self._do_write, job)
         finally:
             self.lock.acquire()
 

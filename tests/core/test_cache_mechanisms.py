@@ -296,3 +296,55 @@ def _now(fn, *args):
     f = Future()
     f.set_result(fn(*args))
     return f
+
+
+def test_flush_keeps_a_window_of_writes_in_flight_not_batches():
+    """FLUSH keeps up to hirunningspace of clusters in flight and submits the next one as
+    soon as the oldest completes: the backend is not left idle waiting for the slowest
+    write of a batch (the sequential-flush benchmark paid that barrier)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    gates: dict[int, threading.Event] = {}
+    started: list[int] = []
+
+    class Gated(FaultyBackend):
+        def pwrite(self, buf, offset):
+            started.append(offset)
+            assert gates.setdefault(offset, threading.Event()).wait(10)
+            super().pwrite(buf, offset)
+
+    for k in range(8):
+        gates[k * BS] = threading.Event()
+    be = Gated(8 * MiB)
+    pool = ThreadPoolExecutor(16)
+    c = make_cache(ram=4 * MiB, backend=be, submit=pool.submit, max_io=BS,
+                   hirunningspace=4 * BS, clock=time.monotonic)
+    for k in range(8):
+        c.pwrite(bytes([k + 1]) * BS, k * BS)
+    flusher = threading.Thread(target=c.flush)
+    flusher.start()
+
+    def until(cond):
+        end = time.monotonic() + 5
+        while not cond() and time.monotonic() < end:
+            time.sleep(0.005)
+        return cond()
+
+    try:
+        assert until(lambda: len(started) == 4)
+        time.sleep(0.1)
+        assert len(started) == 4, "more than hirunningspace in flight"
+        gates[started[0]].set()
+        assert until(lambda: len(started) == 5), \
+            "the fifth cluster waited for the whole first batch, not for one slot"
+        assert not any(gates[o].is_set() for o in started[1:4])   # the rest still in flight
+    finally:
+        for g in gates.values():
+            g.set()
+        flusher.join(10)
+        pool.shutdown()
+    assert not flusher.is_alive()
+    for k in range(8):
+        assert be.data[k * BS:(k + 1) * BS] == bytes([k + 1]) * BS
+    c.check_invariants()
