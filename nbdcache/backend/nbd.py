@@ -31,29 +31,36 @@ and seconds, ``backend.unavailable`` when the first request gives up);
 connections opened before the last recovery that turn out dead are replaced
 quietly, as part of the outage already reported.
 
-*Durability across reconnects.*  A write that a server acknowledged but that
-no successful FLUSH has covered yet may be lost if that server crashed.  Each
-slot counts the writes (pwrite, zero, trim) completed on its connection that
-no flush has covered (``unflushed``), with the time the oldest of them was
-sent.  When a connection is dropped, its count moves to ``_lost``, and the
-next ``flush`` raises EIO once ("... lost after N unflushed writes ...")
-instead of reporting a false success; the flush after that succeeds if it can.
+*Durability across reconnects: the journal.*  A write that a server
+acknowledged but that no successful FLUSH has covered yet is lost if that
+server crashes; the cache has marked the block clean by then, so only the
+backend can bring it back.  Every completed pwrite and zero is therefore kept
+in a journal (the write-back snapshot itself, no copy) until a FLUSH covers
+it, as an NFS client keeps unstable writes until a COMMIT (the kernel's
+B_NEEDCOMMIT).  ``epoch`` counts events after which the server may have
+dropped unflushed writes: a connection dropped or replaced, a FLUSH that
+failed.  Each entry records the epoch it completed in.  ``flush``:
 
-A flush covers a connection's writes when it succeeds on that connection.
-With multi-conn, one flush on connection X also covers connection Y's writes
-if they were to the same server; that is certain when Y's oldest unflushed
-write was sent after X was connected (both connections were then alive at one
-moment, and an address serves one server at a time).  ``flush`` therefore
-sends one flush on one connection, credits every slot it certainly covers,
-and flushes the remaining slots with unflushed writes one by one (borrowing
-each in turn).  Without reconnects every slot is covered, so a multi-conn
-server gets one flush; without multi-conn every connected slot gets its own.
-A FLUSH is sent even when the counts say nothing is unflushed: the counts only
-decide which connections one flush covers.  A connection found dead while flushing is not retried: its writes
-are counted lost and reported by this very flush.
+1. if any entry is from an older epoch, *replays* the whole journal, oldest
+   first, with every other request of this backend held off meanwhile (so no
+   newer write can be overtaken and no read sees a half-replayed range); the
+   replayed entries then belong to the current epoch;
+2. sends the FLUSH: on one connection with multi-conn, else on every one;
+3. if the epoch did not change from before the FLUSH was sent until it
+   succeeded, every entry completed before it was sent is durable and leaves
+   the journal; otherwise it goes back to 1 (at most a few times, then EIO).
 
-Locking: ``_lock`` guards slot state (free/busy, counts, serials) and the
-outage state; ``_cond`` is its condition.  ``_flush_lock`` serialises flushes.
+A flush thus never reports success for a write a lost server dropped, and
+does not fail either: it writes the data again, to whatever server answers
+within ``retry_timeout``.  Trims are not journaled (advisory).  The journal
+is bounded: once it holds more than ``journal_max`` bytes, the write that
+crossed the bound issues a flush itself, so memory stays bounded while guests
+do not flush.
+
+Locking: ``_lock`` guards slot state (free/busy, serials), the outage state,
+the journal and the epoch; ``_cond`` is its condition, also used to hold
+requests off during a replay (``_io`` counts requests under way).
+``_flush_lock`` serialises flushes.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ import errno
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -74,6 +82,8 @@ _BACKOFF_MIN = 0.05             # first wait between reconnect attempts (seconds
 _BACKOFF_MAX = 1.0              # ... doubling up to this
 _CONNECT_TIMEOUT = 10.0         # one reconnect attempt at most (a host that drops SYNs) ...
 _CONNECT_FLOOR = 1.0            # ... and at least, even when the retry window is spent
+JOURNAL_MAX = 32 << 20          # unflushed write bytes kept for replay before a flush is forced
+_FLUSH_TRIES = 8                # flush rounds (replay, FLUSH) before giving up while epochs change
 
 # A command failed because the connection is gone (not because the server said no).
 _DEAD = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN})
@@ -114,6 +124,20 @@ def _is_dead(h: "nbd.NBD", e: "nbd.Error") -> bool:
 
 
 @dataclass(eq=False)
+class _Entry:
+    """A completed pwrite or zero that no FLUSH has covered yet."""
+    seq: int
+    epoch: int                      # the epoch it completed in
+    kind: str                       # "pwrite" | "zero"
+    offset: int
+    data: Any                       # the buffer written (pwrite) or the byte count (zero)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if self.kind == "pwrite" else 0
+
+
+@dataclass(eq=False)
 class _Conn:
     """One connection slot.  ``h`` is used only by the slot's borrower; the rest is
     guarded by the backend's ``_lock``."""
@@ -121,8 +145,6 @@ class _Conn:
     h: Any = None                   # nbd.NBD, or None: (re)connect before use
     serial: int = 0                 # which connection this is; changes on reconnect
     connected_at: float = -math.inf
-    unflushed: int = 0              # writes completed here that no flush has covered
-    oldest: float | None = None     # when the oldest of them was sent (None iff unflushed==0)
     busy: bool = False
     wanted: bool = False            # a flush waits for this slot: others leave it alone
 
@@ -135,11 +157,10 @@ class NbdBackend(Backend):
     then raises EIO naming the URI.  Errors the server returns are raised at once
     with their errno (EIO, ENOSPC, EDQUOT, EPERM, ENOMEM, EFBIG, EROFS; else EIO).
 
-    Durability: if a connection was lost while writes completed on it had not been
-    covered by a successful flush, those writes may be lost with the server, and the
-    next ``flush`` raises EIO once, saying how many, rather than report a false
-    success.  The caller is not told which writes they were; a flush after that
-    covers only what was written since.
+    Durability: completed writes are journaled until a FLUSH covers them; after a
+    connection was lost (or a FLUSH failed), ``flush`` replays the journal before
+    flushing, so a successful ``flush`` always covers every write completed before
+    it, whatever the server lost meanwhile (see the module doc).
 
     ``retry_timeout`` may be changed at any time (a live tunable).  No lock is held
     by callers; ``close`` ends every connection and makes later requests fail.
@@ -147,7 +168,8 @@ class NbdBackend(Backend):
 
     def __init__(self, uri: str, connections: int = 4, retry_timeout: float = 60.0, *,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 journal_max: int = JOURNAL_MAX) -> None:
         self.uri = uri
         self.retry_timeout = float(retry_timeout)
         self._clock, self._sleep = clock, sleep
@@ -158,7 +180,14 @@ class NbdBackend(Backend):
         self._conns = [_Conn(i) for i in range(connections)]
         self._serial = 0
         self._closed = False
-        self._lost = 0                          # unflushed writes on dropped connections
+        self.journal_max = journal_max
+        self._journal: deque[_Entry] = deque()  # completed, not yet covered by a FLUSH
+        self._jseq = 0                          # the last entry's seq
+        self._jbytes = 0                        # pwrite bytes in the journal
+        self._auto_at = journal_max             # journal bytes at which a write flushes
+        self._epoch = 0                         # bumped when unflushed writes may be lost
+        self._io = 0                            # requests under way (replay waits for 0)
+        self._replaying = False
         self._down_since: float | None = None   # the current outage began (None: no outage)
         self._attempts = 0                      # reconnect attempts in this outage
         self._gave_up = False                   # a request of this outage timed out
@@ -166,6 +195,9 @@ class NbdBackend(Backend):
         self._bad_export: str | None = None     # last "export changed" message logged
         self.outages = 0                        # statistics
         self.reconnects = 0
+        self.replays = 0                        # journal replays, and entries replayed
+        self.replayed = 0
+        self.auto_flushes = 0                   # flushes forced by journal_max
         try:
             first = self._open(None)
             self.size = first.get_size()
@@ -211,6 +243,7 @@ class NbdBackend(Backend):
     def _attach(self, c: _Conn, h: "nbd.NBD") -> None:
         with self._lock:
             self._serial += 1
+            self._epoch += 1                    # a new connection: maybe a new server
             c.h, c.serial, c.connected_at = h, self._serial, self._clock()
 
     def _changed(self, h: "nbd.NBD") -> str | None:
@@ -260,24 +293,24 @@ class NbdBackend(Backend):
 
     def _disconnected(self, c: _Conn, e: "nbd.Error", now: float) -> float:
         """The borrowed slot ``c`` lost its connection (or could not get one): drop the
-        handle, count its unflushed writes as lost, start an outage unless one is
-        known.  Returns when the outage began (``now`` for a stale connection)."""
+        handle (a new epoch: the journal is replayed before the next FLUSH), start an
+        outage unless one is known.  Returns when the outage began (``now`` for a
+        stale connection)."""
         with self._lock:
             h, c.h = c.h, None
             stale = h is not None and c.connected_at < self._recovered_at
             if h is not None:
-                self._lost += c.unflushed
-                c.unflushed, c.oldest = 0, None
+                self._epoch += 1
             start = self._down_since is None and not stale
             if start:
                 self.outages += 1
                 self._down_since, self._attempts, self._gave_up = now, 0, False
             began = self._down_since if self._down_since is not None else now
-            lost = self._lost
+            journaled = len(self._journal)
         del h                                   # closes the socket (libnbd's nbd_close)
         if start:
             self.log.warning("backend.disconnected", uri=self.uri, error=e.string,
-                             unflushed_lost=lost)
+                             unflushed_writes=journaled)
         return began
 
     def _unavailable(self, what: str, e: "nbd.Error", outage: float) -> OSError:
@@ -314,24 +347,33 @@ class NbdBackend(Backend):
             c.busy = False
             self._cond.notify_all()             # a flush may wait for this very slot
 
-    def _run(self, what: str, fn, *args, write: bool = False):
-        c = self._borrow()
+    def _run(self, what: str, fn, *args, write: str | None = None):
+        """One request on any free slot; held off while the journal is replayed.
+        ``write`` ("pwrite" or "zero") journals the request once it completed."""
+        with self._cond:
+            while self._replaying:
+                self._cond.wait()
+            self._io += 1
         try:
-            return self._attempt(c, what, fn, args, write)
+            c = self._borrow()
+            try:
+                return self._attempt(c, what, fn, args, write)
+            finally:
+                self._release(c)
         finally:
-            self._release(c)
+            with self._cond:
+                self._io -= 1
+                self._cond.notify_all()
 
-    def _attempt(self, c: _Conn, what: str, fn, args: tuple, write: bool):
+    def _attempt(self, c: _Conn, what: str, fn, args: tuple, write: str | None = None):
         """Run ``fn(h, *args)`` on the borrowed slot ``c``, reconnecting and retrying
         while the connection is dead (see the module doc).  May block."""
         first: float | None = None
         delay = _BACKOFF_MIN
         while True:
-            sent = self._clock()
             try:
                 if c.h is None:
                     self._reconnect(c)
-                    sent = self._clock()
                 result = fn(c.h, *args)
             except nbd.Error as e:
                 if self._closed:
@@ -354,9 +396,11 @@ class NbdBackend(Backend):
                 continue
             if write and self.can_flush:
                 with self._lock:
-                    c.unflushed += 1
-                    if c.oldest is None:
-                        c.oldest = sent
+                    self._jseq += 1
+                    # args: (buffer, offset) for pwrite, (count, offset) for zero
+                    e = _Entry(self._jseq, self._epoch, write, args[1], args[0])
+                    self._journal.append(e)
+                    self._jbytes += e.nbytes
             return result
 
     # -- the Backend interface -------------------------------------------------------------
@@ -367,84 +411,120 @@ class NbdBackend(Backend):
         self._run("pread", go, buf, offset)
 
     def pwrite(self, buf: memoryview | bytes, offset: int) -> None:
-        # libnbd takes any buffer: no copy (write-back snapshots are ours until done)
-        self._run("pwrite", lambda h, b, o: h.pwrite(b, o), buf, offset, write=True)
+        # libnbd takes any buffer: no copy.  The journal keeps ``buf`` until a FLUSH covers
+        # it: callers pass buffers they never modify again (write-back snapshots, zeroes).
+        self._run("pwrite", lambda h, b, o: h.pwrite(b, o), buf, offset, write="pwrite")
+        if self._jbytes > self._auto_at:
+            self._auto_flush()
+
+    def _auto_flush(self) -> None:
+        """The journal passed journal_max: flush so that it can be emptied.  A failure is
+        logged, not raised (the write itself succeeded); the next try waits for another
+        journal_max of writes."""
+        with self._lock:
+            if self._jbytes <= self._auto_at:
+                return                          # another writer got here first
+            self._auto_at = self._jbytes + self.journal_max
+        self.auto_flushes += 1
+        try:
+            self.flush()
+        except OSError as e:
+            self.log.warning("backend.auto_flush_failed", uri=self.uri, error=str(e),
+                             journal_bytes=self._jbytes)
 
     def flush(self) -> None:
-        """Make every write completed before the call durable, or raise.  May block;
-        EIO once after a connection was lost with unflushed writes (class doc)."""
+        """Make every write completed before the call durable, or raise.  May block:
+        replays the journal first if the server may have lost writes (module doc)."""
         with self._flush_lock:
-            if self.can_flush:
-                if self.multi_conn:
-                    self._flush_multi()
-                with self._lock:
-                    rest = [c for c in self._conns if c.unflushed
-                            or (not self.multi_conn and c.h is not None)]
-                for c in rest:
-                    self._flush_one(c)
-            with self._lock:
-                lost, self._lost = self._lost, 0
-            if lost:
-                self.log.error("backend.writes_lost", uri=self.uri, writes=lost)
-                raise OSError(errno.EIO, f"backend flush: the connection to {self.uri} was "
-                                         f"lost after {lost} unflushed write(s), which may "
-                                         "not be on stable storage")
-
-    def _flush_multi(self) -> None:
-        """One flush on one connection; credit the slots it certainly covers."""
-        c = self._borrow()
-        try:
-            with self._lock:
-                snap = [(y, y.serial, y.unflushed, y.oldest) for y in self._conns
-                        if y.unflushed]
-                since = c.connected_at
-            if c.h is None:
-                return                          # the slots with writes are flushed one by one
-            # Sent even when the counts say nothing is unflushed: the counts decide which
-            # other connections a flush covers, never whether a FLUSH reaches the server
-            # (a power-loss run lost acknowledged data while flushes were skipped).
-            if not self._flush_handle(c):
+            if not self.can_flush:
                 return
-            with self._lock:
-                for y, serial, n, oldest in snap:
-                    if y.serial == serial and (y is c or oldest > since):
-                        y.unflushed -= n
-                        if not y.unflushed:
-                            y.oldest = None
-        finally:
-            self._release(c)
+            for _ in range(_FLUSH_TRIES):
+                with self._lock:
+                    epoch, upto = self._epoch, self._jseq
+                    # epochs never decrease along the journal: the oldest entry tells
+                    stale = bool(self._journal) and self._journal[0].epoch != epoch
+                if stale:
+                    self._replay()
+                    continue
+                try:
+                    self._send_flush()
+                except OSError:
+                    with self._lock:
+                        self._epoch += 1        # a failed FLUSH may have dropped writes
+                    raise
+                with self._lock:
+                    if self._epoch != epoch:
+                        continue                # a connection was lost or replaced meanwhile
+                    j = self._journal
+                    while j and j[0].seq <= upto:
+                        self._jbytes -= j.popleft().nbytes
+                    self._auto_at = self._jbytes + self.journal_max
+                    return
+            raise OSError(errno.EIO, f"backend flush: {self.uri}: connections kept failing "
+                                     f"while flushing ({_FLUSH_TRIES} tries)")
 
-    def _flush_one(self, c: _Conn) -> None:
-        """Flush the connection of slot ``c`` if writes on it are not covered yet."""
-        self._borrow(c)
-        try:
-            if c.h is not None and self._flush_handle(c):
-                with self._lock:                # we hold c: no write completed meanwhile
-                    c.unflushed, c.oldest = 0, None
-        finally:
-            self._release(c)
+    def _send_flush(self) -> None:
+        """FLUSH on one connection (multi-conn), else on every connection; reconnects
+        like any request.  Raises OSError."""
+        flush = lambda h: h.flush()             # noqa: E731
+        if self.multi_conn:
+            self._run("flush", flush)
+            return
+        for c in self._conns:
+            self._borrow(c)
+            try:
+                self._attempt(c, "flush", flush, ())
+            finally:
+                self._release(c)
 
-    def _flush_handle(self, c: _Conn) -> bool:
-        """FLUSH on the borrowed slot's connection: True if it succeeded, False if the
-        connection was dead (its writes are then counted lost).  Server errors raise."""
+    def _replay(self) -> None:
+        """Write the whole journal again, oldest first, with every other request held off;
+        repeated until no connection is lost meanwhile.  Raises OSError."""
+        with self._cond:
+            self._replaying = True
+            while self._io:
+                self._cond.wait()
+        t0 = self._clock()
         try:
-            c.h.flush()
-            return True
-        except nbd.Error as e:
-            if not _is_dead(c.h, e):
-                raise _oserror(e, "backend flush") from None
-            self._disconnected(c, e, self._clock())
-            return False
+            while True:
+                with self._lock:
+                    epoch = self._epoch
+                    entries = list(self._journal)
+                for e in entries:
+                    c = self._borrow()
+                    try:
+                        if e.kind == "pwrite":
+                            self._attempt(c, "replay", lambda h, b, o: h.pwrite(b, o),
+                                          (e.data, e.offset))
+                        else:
+                            self._attempt(c, "replay", lambda h, n, o: h.zero(n, o),
+                                          (e.data, e.offset))
+                    finally:
+                        self._release(c)
+                with self._lock:
+                    if self._epoch == epoch:
+                        for e in entries:
+                            e.epoch = epoch
+                        break
+            self.replays += 1
+            self.replayed += len(entries)
+            self.log.info("backend.replayed", uri=self.uri, writes=len(entries),
+                          bytes=sum(e.nbytes for e in entries),
+                          seconds=round(self._clock() - t0, 3))
+        finally:
+            with self._cond:
+                self._replaying = False
+                self._cond.notify_all()
 
     def trim(self, offset: int, count: int) -> None:
         if self.can_trim:
             for o, c in _chunks(offset, count):
-                self._run("trim", lambda h, c, o: h.trim(c, o), c, o, write=True)
+                self._run("trim", lambda h, c, o: h.trim(c, o), c, o)
 
     def zero(self, offset: int, count: int) -> None:
         if self.can_zero:
             for o, c in _chunks(offset, count):
-                self._run("zero", lambda h, c, o: h.zero(c, o), c, o, write=True)
+                self._run("zero", lambda h, c, o: h.zero(c, o), c, o, write="zero")
             return
         self.write_zeroes(offset, count)
 
@@ -461,24 +541,25 @@ class NbdBackend(Backend):
     # -- invariants --------------------------------------------------------------------
 
     @property
-    def unflushed(self) -> int:
-        """Writes completed on live connections that no flush has covered yet."""
+    def journaled(self) -> int:
+        """Completed writes no FLUSH has covered yet (kept for replay)."""
         with self._lock:
-            return sum(c.unflushed for c in self._conns)
+            return len(self._journal)
 
     def check(self) -> None:
-        """Raise BackendInvariantError if the slots' bookkeeping is inconsistent."""
+        """Raise BackendInvariantError if the bookkeeping is inconsistent."""
         with self._lock:
-            for c in self._conns:
-                if c.unflushed < 0 or (c.unflushed == 0) != (c.oldest is None):
-                    raise BackendInvariantError(f"slot {c.index}: unflushed={c.unflushed} "
-                                                f"oldest={c.oldest}")
-                if c.h is None and c.unflushed:
-                    raise BackendInvariantError(f"slot {c.index}: {c.unflushed} unflushed "
-                                                "writes on no connection")
-                if c.unflushed and not self.can_flush:
-                    raise BackendInvariantError("writes counted on a server without flush")
-            if self._lost < 0:
-                raise BackendInvariantError(f"lost={self._lost}")
+            seqs = [e.seq for e in self._journal]
+            if seqs != sorted(seqs) or (seqs and seqs[-1] > self._jseq):
+                raise BackendInvariantError(f"journal out of order: {seqs[:8]}...")
+            if self._jbytes != sum(e.nbytes for e in self._journal):
+                raise BackendInvariantError(f"journal bytes {self._jbytes} != entries")
+            epochs = [e.epoch for e in self._journal]
+            if epochs != sorted(epochs) or (epochs and epochs[-1] > self._epoch):
+                raise BackendInvariantError("journal epochs decrease or lie in the future")
+            if self._journal and not self.can_flush:
+                raise BackendInvariantError("writes journaled on a server without flush")
+            if self._io < 0 or (self._replaying and self._io):
+                raise BackendInvariantError(f"io={self._io} replaying={self._replaying}")
             if self._down_since is not None and self._down_since < self._recovered_at:
                 raise BackendInvariantError("an outage began before the last recovery")

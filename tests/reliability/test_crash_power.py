@@ -65,16 +65,7 @@ def skip_reason(kind: str) -> str | None:
     return fuse_unusable() if kind == "nbdfuse" else None
 
 
-# Open bug, kept visible rather than hidden: through the NBD backend about one power-loss
-# round in 90 loses a write acknowledged as durable (long runs failed at rounds 96 and 88,
-# seeds 1653458472 and 2330159092; the file backend on nbdfuse passed 1000 rounds).  Not
-# strict: a short run of 10 rounds passes most of the time.  Remove once found and fixed.
-NBD_DIRECT_BUG = pytest.mark.xfail(
-    strict=False, reason="BUG: ~1 power-loss round in 90 loses a durable write through the "
-    "NBD backend (docs/reliability.md, 'One long run')")
-
-
-@pytest.mark.parametrize("kind", ["nbdfuse", pytest.param("nbd-direct", marks=NBD_DIRECT_BUG)])
+@pytest.mark.parametrize("kind", ["nbdfuse", "nbd-direct"])
 def test_crash_power_loses_nothing_acknowledged(upstream, serve, tmp_path: Path, kind,
                                                 long_mode, figures):
     reason = skip_reason(kind)
