@@ -38,7 +38,7 @@ reliability: setup
 	@$(PY) -m pytest tests/reliability --long -q
 
 bench: setup
-	@$(PY) bench/run.py
+	@$(PY) bench/run.py --guest
 
 docs: setup
 	@$(PY) -m nbdcache tunables --markdown > docs/tunables.md

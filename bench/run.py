@@ -478,8 +478,8 @@ def markdown(doc: dict[str, Any], suites: list[Suite], tables: list[str]) -> str
              f"- QEMU: {m['qemu']}", f"- libnbd: {m['libnbd']}, Python {m['python']}",
              f"- nbdcache: git {m['git']}", "",
              "## Commands", "",
-             "`make bench` runs `.venv/bin/python bench/run.py` (3 repetitions of 10 s); this "
-             "report came from:", "", "```", doc["command"], "```", ""]
+             "`make bench` runs `.venv/bin/python bench/run.py --guest` (3 repetitions of "
+             "10 s); this report came from:", "", "```", doc["command"], "```", ""]
     lines += tables
     analysis = Path(__file__).with_name("analysis.md")
     if analysis.exists() and not o["quick"]:

@@ -63,6 +63,9 @@ class Engine:
         self.log = logmod.get("engine")
         self.backend = backend or open_backend(cfg)
         self.params = bufinit(cfg)
+        if hasattr(self.backend, "set_journal_max"):
+            # unflushed write-back kept for replay (NBD): as much as may be in flight
+            self.backend.set_journal_max(self.params["hirunningspace"])
         self.pager = open_swap(cfg, self.params["block_size"]) if cfg["swap.devices"] else None
         self.cache = BufCache(
             self.params, self.backend,

@@ -383,3 +383,17 @@ def test_nbd_backend_concurrent_requests_across_restarts(upstream, backends, tmp
     for k in range(4):
         assert data[k * MiB:(k + 1) * MiB] == models[k], f"thread {k}'s region differs"
     assert b.outages >= 1
+
+
+def test_engine_bounds_the_journal_by_hirunningspace(upstream):
+    """Write-back kept for replay is bounded like write-back in flight."""
+    from nbdcache import config as configmod
+    from nbdcache.engine import Engine
+    up = upstream("--exit-with-parent", "memory", DISK, name="up")
+    cfg = configmod.load(None, {"backend.type": "nbd", "backend.uri": up.uri,
+                                "cache.ram": "32M", "cache.hirunningspace": "3M"})
+    e = Engine(cfg)
+    try:
+        assert e.backend.journal_max == 3 * MiB
+    finally:
+        e.backend.close()

@@ -55,7 +55,9 @@ does not fail either: it writes the data again, to whatever server answers
 within ``retry_timeout``.  Trims are not journaled (advisory).  The journal
 is bounded: once it holds more than ``journal_max`` bytes, the write that
 crossed the bound issues a flush itself, so memory stays bounded while guests
-do not flush.
+do not flush.  The engine sets the bound to ``cache.hirunningspace`` at start,
+so write-back keeps at most about twice that in memory (in flight, then
+journaled).
 
 Locking: ``_lock`` guards slot state (free/busy, serials), the outage state,
 the journal and the epoch; ``_cond`` is its condition, also used to hold
@@ -416,6 +418,12 @@ class NbdBackend(Backend):
         self._run("pwrite", lambda h, b, o: h.pwrite(b, o), buf, offset, write="pwrite")
         if self._jbytes > self._auto_at:
             self._auto_flush()
+
+    def set_journal_max(self, nbytes: int) -> None:
+        """Bound the journal (the engine sets it to cache.hirunningspace at start)."""
+        with self._lock:
+            self.journal_max = max(int(nbytes), 1)
+            self._auto_at = self._jbytes + self.journal_max
 
     def _auto_flush(self) -> None:
         """The journal passed journal_max: flush so that it can be emptied.  A failure is
