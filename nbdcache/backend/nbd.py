@@ -59,9 +59,10 @@ do not flush.  The engine sets the bound to ``cache.hirunningspace`` at start,
 so write-back keeps at most about twice that in memory (in flight, then
 journaled).
 
-Locking: ``_lock`` guards slot state (free/busy, serials), the outage state,
-the journal and the epoch; ``_cond`` is its condition, also used to hold
-requests off during a replay (``_io`` counts requests under way).
+Locking: ``_lock`` guards slot state (free/busy), the outage state, the
+journal and the epoch; ``_cond`` is its condition.  A replay holds requests
+off at ``_borrow`` and waits until no slot is busy (every request under way
+holds one).
 ``_flush_lock`` serialises flushes.
 """
 
@@ -125,6 +126,11 @@ def _is_dead(h: "nbd.NBD", e: "nbd.Error") -> bool:
         return True
 
 
+# The journaled requests: fn(handle, data, offset), data a buffer (pwrite) or a count (zero).
+_WRITE_OPS = {"pwrite": lambda h, buf, offset: h.pwrite(buf, offset),
+              "zero": lambda h, count, offset: h.zero(count, offset)}
+
+
 @dataclass(eq=False)
 class _Entry:
     """A completed pwrite or zero that no FLUSH has covered yet."""
@@ -145,7 +151,6 @@ class _Conn:
     guarded by the backend's ``_lock``."""
     index: int
     h: Any = None                   # nbd.NBD, or None: (re)connect before use
-    serial: int = 0                 # which connection this is; changes on reconnect
     connected_at: float = -math.inf
     busy: bool = False
     wanted: bool = False            # a flush waits for this slot: others leave it alone
@@ -180,7 +185,6 @@ class NbdBackend(Backend):
         self._cond = threading.Condition(self._lock)
         self._flush_lock = threading.Lock()
         self._conns = [_Conn(i) for i in range(connections)]
-        self._serial = 0
         self._closed = False
         self.journal_max = journal_max
         self._journal: deque[_Entry] = deque()  # completed, not yet covered by a FLUSH
@@ -188,7 +192,6 @@ class NbdBackend(Backend):
         self._jbytes = 0                        # pwrite bytes in the journal
         self._auto_at = journal_max             # journal bytes at which a write flushes
         self._epoch = 0                         # bumped when unflushed writes may be lost
-        self._io = 0                            # requests under way (replay waits for 0)
         self._replaying = False
         self._down_since: float | None = None   # the current outage began (None: no outage)
         self._attempts = 0                      # reconnect attempts in this outage
@@ -244,9 +247,8 @@ class NbdBackend(Backend):
 
     def _attach(self, c: _Conn, h: "nbd.NBD") -> None:
         with self._lock:
-            self._serial += 1
             self._epoch += 1                    # a new connection: maybe a new server
-            c.h, c.serial, c.connected_at = h, self._serial, self._clock()
+            c.h, c.connected_at = h, self._clock()
 
     def _changed(self, h: "nbd.NBD") -> str | None:
         """How a reconnected export differs from the one we started with, or None."""
@@ -328,8 +330,10 @@ class NbdBackend(Backend):
 
     # -- the pool ----------------------------------------------------------------------
 
-    def _borrow(self, want: _Conn | None = None) -> _Conn:
-        """Take any free slot, or the slot ``want`` (waiting for it).  May block."""
+    def _borrow(self, want: _Conn | None = None, gate: bool = True) -> _Conn:
+        """Take any free slot, or the slot ``want`` (waiting for it).  May block.  Any
+        slot is not handed out while the journal is replayed, except to the replay
+        (``gate=False``)."""
         with self._cond:
             if want is not None:
                 want.wanted = True
@@ -338,10 +342,11 @@ class NbdBackend(Backend):
                 want.wanted, want.busy = False, True
                 return want
             while True:
-                for c in self._conns:
-                    if not c.busy and not c.wanted:
-                        c.busy = True
-                        return c
+                if not (gate and self._replaying):
+                    for c in self._conns:
+                        if not c.busy and not c.wanted:
+                            c.busy = True
+                            return c
                 self._cond.wait()
 
     def _release(self, c: _Conn) -> None:
@@ -350,22 +355,13 @@ class NbdBackend(Backend):
             self._cond.notify_all()             # a flush may wait for this very slot
 
     def _run(self, what: str, fn, *args, write: str | None = None):
-        """One request on any free slot; held off while the journal is replayed.
-        ``write`` ("pwrite" or "zero") journals the request once it completed."""
-        with self._cond:
-            while self._replaying:
-                self._cond.wait()
-            self._io += 1
+        """One request on any free slot.  ``write`` ("pwrite" or "zero") journals the
+        request once it completed."""
+        c = self._borrow()
         try:
-            c = self._borrow()
-            try:
-                return self._attempt(c, what, fn, args, write)
-            finally:
-                self._release(c)
+            return self._attempt(c, what, fn, args, write)
         finally:
-            with self._cond:
-                self._io -= 1
-                self._cond.notify_all()
+            self._release(c)
 
     def _attempt(self, c: _Conn, what: str, fn, args: tuple, write: str | None = None):
         """Run ``fn(h, *args)`` on the borrowed slot ``c``, reconnecting and retrying
@@ -415,7 +411,7 @@ class NbdBackend(Backend):
     def pwrite(self, buf: memoryview | bytes, offset: int) -> None:
         # libnbd takes any buffer: no copy.  The journal keeps ``buf`` until a FLUSH covers
         # it: callers pass buffers they never modify again (write-back snapshots, zeroes).
-        self._run("pwrite", lambda h, b, o: h.pwrite(b, o), buf, offset, write="pwrite")
+        self._run("pwrite", _WRITE_OPS["pwrite"], buf, offset, write="pwrite")
         if self._jbytes > self._auto_at:
             self._auto_flush()
 
@@ -490,7 +486,7 @@ class NbdBackend(Backend):
         repeated until no connection is lost meanwhile.  Raises OSError."""
         with self._cond:
             self._replaying = True
-            while self._io:
+            while any(c.busy for c in self._conns):
                 self._cond.wait()
         t0 = self._clock()
         try:
@@ -499,14 +495,9 @@ class NbdBackend(Backend):
                     epoch = self._epoch
                     entries = list(self._journal)
                 for e in entries:
-                    c = self._borrow()
+                    c = self._borrow(gate=False)
                     try:
-                        if e.kind == "pwrite":
-                            self._attempt(c, "replay", lambda h, b, o: h.pwrite(b, o),
-                                          (e.data, e.offset))
-                        else:
-                            self._attempt(c, "replay", lambda h, n, o: h.zero(n, o),
-                                          (e.data, e.offset))
+                        self._attempt(c, "replay", _WRITE_OPS[e.kind], (e.data, e.offset))
                     finally:
                         self._release(c)
                 with self._lock:
@@ -532,7 +523,7 @@ class NbdBackend(Backend):
     def zero(self, offset: int, count: int) -> None:
         if self.can_zero:
             for o, c in _chunks(offset, count):
-                self._run("zero", lambda h, c, o: h.zero(c, o), c, o, write="zero")
+                self._run("zero", _WRITE_OPS["zero"], c, o, write="zero")
             return
         self.write_zeroes(offset, count)
 
@@ -567,7 +558,5 @@ class NbdBackend(Backend):
                 raise BackendInvariantError("journal epochs decrease or lie in the future")
             if self._journal and not self.can_flush:
                 raise BackendInvariantError("writes journaled on a server without flush")
-            if self._io < 0 or (self._replaying and self._io):
-                raise BackendInvariantError(f"io={self._io} replaying={self._replaying}")
             if self._down_since is not None and self._down_since < self._recovered_at:
                 raise BackendInvariantError("an outage began before the last recovery")

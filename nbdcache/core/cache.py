@@ -83,10 +83,10 @@ from nbdcache.core.buf import (
     QUEUE_DIRTY, QUEUE_DIRTY_HW, QUEUE_EMPTY, QUEUE_NAMES, QUEUE_NONE, SECTOR, SECTOR_SHIFT,
     Buf, runs, sector_cover, sector_span,
 )
-
-SECTOR_MASK = SECTOR - 1
 from nbdcache.core.throttle import Throttle
 from nbdcache.swap.pager import SwapNoCredit, SwapPagerError
+
+SECTOR_MASK = SECTOR - 1
 
 _ZEROES = bytes(1024 * 1024)
 

@@ -137,6 +137,14 @@ def errnos(d: dict) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(d.items())) or "none"
 
 
+def assert_nothing_lost(run, flushed: str, lost: list) -> None:
+    """The swap fault stayed invisible: FLUSH ok, no error, no stale read, all on the backend."""
+    assert flushed == "ok"
+    assert run.errors == {}, errnos(run.errors)
+    assert run.stale_reads == 0, run.first_stale
+    assert not lost, f"blocks not on the backend after FLUSH: {lost[:10]}"
+
+
 def drop_page_cache(path: Path) -> None:
     """Make the next reads of a FUSE file reach its server (clean pages only)."""
     fd = os.open(path, os.O_RDONLY)
@@ -169,10 +177,7 @@ def test_fault_swap_full_loses_nothing(upstream, serve, tmp_path, long_mode, fig
                 f"{st['swap_full_transitions']} / {st['swap_almost_full_transitions']}")
     figures.add(name, "dirty spilled / pageout failed (no slot)",
                 f"{st['swap_spill_dirty']} / {st['swap_pageout_failed']}")
-    assert flushed == "ok"
-    assert run.errors == {}, errnos(run.errors)
-    assert run.stale_reads == 0, run.first_stale
-    assert not lost, f"blocks not on the backend after FLUSH: {lost[:10]}"
+    assert_nothing_lost(run, flushed, lost)
     assert st["swap_almost_full_transitions"] > 0, "swap never filled: the test proves nothing"
 
 
@@ -199,10 +204,7 @@ def test_fault_swap_write_eio_loses_nothing(upstream, serve, tmp_path, rate, lon
     figures.add(name, "swap write errors / bad slots",
                 f"{st['swap_write_errors']} / {st['swap_bad_slots']}")
     figures.add(name, "swap hits / dirty spilled", f"{st['swap_hits']} / {st['swap_spill_dirty']}")
-    assert flushed == "ok"
-    assert run.errors == {}, errnos(run.errors)
-    assert run.stale_reads == 0, run.first_stale
-    assert not lost, f"blocks not on the backend after FLUSH: {lost[:10]}"
+    assert_nothing_lost(run, flushed, lost)
     assert st["swap_write_errors"] > 0, "no swap write failed: the test proves nothing"
 
 
